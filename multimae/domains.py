@@ -193,6 +193,68 @@ MODALITIES: dict[str, Modality] = {
 }
 
 
+def _valid_list(names) -> str:
+    return ", ".join(sorted(names))
+
+
+def get_modality(name: str) -> Modality:
+    """Return the registry entry of an MMEarth modality.
+
+    Raises:
+        KeyError: ``name`` is not an MMEarth modality; the message lists the valid ones.
+    """
+    try:
+        return MODALITIES[name]
+    except KeyError:
+        raise KeyError(f"unknown modality {name!r}; valid modalities: {_valid_list(MODALITIES)}") from None
+
+
+def get_domain(name: str) -> Domain:
+    """Return the registry entry of a domain.
+
+    Raises:
+        KeyError: ``name`` is not a registered domain; the message lists the valid ones.
+    """
+    try:
+        return DOMAINS[name]
+    except KeyError:
+        raise KeyError(f"unknown domain {name!r}; valid domains: {_valid_list(DOMAINS)}") from None
+
+
+_S2_ALIAS = re.compile(r"^B0?(\d{1,2}|8A)$", re.IGNORECASE)
+
+
+def canonical_band_name(modality: str, band: str) -> str:
+    """Canonical spelling of a band name: Sentinel-2 ``B1`` / ``b01`` -> ``B01``, ``B8a`` -> ``B8A``.
+
+    Other modalities' band names are returned unchanged.
+    """
+    if modality.startswith("sentinel2") and modality == "sentinel2":
+        m = _S2_ALIAS.match(band.strip())
+        if m:
+            num = m.group(1).upper()
+            return "B8A" if num == "8A" else f"B{int(num):02d}"
+    return band
+
+
+def band_indices(modality: str, bands) -> list[int]:
+    """Indices of ``bands`` (names) in the stored channel order of ``modality``.
+
+    Raises:
+        KeyError: unknown modality, or a band name absent from it; the message lists the valid bands.
+    """
+    mod = get_modality(modality)
+    out = []
+    for band in bands:
+        canon = canonical_band_name(modality, band)
+        if canon not in mod.bands:
+            raise KeyError(
+                f"unknown band {band!r} for modality {modality!r}; valid bands: {', '.join(mod.bands)}"
+            )
+        out.append(mod.bands.index(canon))
+    return out
+
+
 @dataclass(frozen=True)
 class Domain:
     """A model input/output: a named band group of one modality.
@@ -293,65 +355,3 @@ DOMAINS: dict[str, Domain] = {
         ),
     )
 }
-
-
-def _valid_list(names) -> str:
-    return ", ".join(sorted(names))
-
-
-def get_modality(name: str) -> Modality:
-    """Return the registry entry of an MMEarth modality.
-
-    Raises:
-        KeyError: ``name`` is not an MMEarth modality; the message lists the valid ones.
-    """
-    try:
-        return MODALITIES[name]
-    except KeyError:
-        raise KeyError(f"unknown modality {name!r}; valid modalities: {_valid_list(MODALITIES)}") from None
-
-
-def get_domain(name: str) -> Domain:
-    """Return the registry entry of a domain.
-
-    Raises:
-        KeyError: ``name`` is not a registered domain; the message lists the valid ones.
-    """
-    try:
-        return DOMAINS[name]
-    except KeyError:
-        raise KeyError(f"unknown domain {name!r}; valid domains: {_valid_list(DOMAINS)}") from None
-
-
-_S2_ALIAS = re.compile(r"^B0?(\d{1,2}|8A)$", re.IGNORECASE)
-
-
-def canonical_band_name(modality: str, band: str) -> str:
-    """Canonical spelling of a band name: Sentinel-2 ``B1`` / ``b01`` -> ``B01``, ``B8a`` -> ``B8A``.
-
-    Other modalities' band names are returned unchanged.
-    """
-    if modality.startswith("sentinel2") and modality == "sentinel2":
-        m = _S2_ALIAS.match(band.strip())
-        if m:
-            num = m.group(1).upper()
-            return "B8A" if num == "8A" else f"B{int(num):02d}"
-    return band
-
-
-def band_indices(modality: str, bands) -> list[int]:
-    """Indices of ``bands`` (names) in the stored channel order of ``modality``.
-
-    Raises:
-        KeyError: unknown modality, or a band name absent from it; the message lists the valid bands.
-    """
-    mod = get_modality(modality)
-    out = []
-    for band in bands:
-        canon = canonical_band_name(modality, band)
-        if canon not in mod.bands:
-            raise KeyError(
-                f"unknown band {band!r} for modality {modality!r}; valid bands: {', '.join(mod.bands)}"
-            )
-        out.append(mod.bands.index(canon))
-    return out
