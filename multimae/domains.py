@@ -67,6 +67,8 @@ class Modality:
         class_names: Human-readable class names, aligned with ``class_values``.
         class_colors: RGB hex colours for plots, aligned with ``class_values``.
         notes: Documented quirks.
+        fill: The value a writer stores where the data is missing; ``None`` means the first ``nodata``
+            value. MMEarth-data writes 255 for SCL and WorldCover.
     """
 
     name: str
@@ -81,6 +83,14 @@ class Modality:
     class_names: tuple[str, ...] = ()
     class_colors: tuple[str, ...] = ()
     notes: str = ""
+    fill: float | None = None
+
+    @property
+    def fill_value(self) -> float | None:
+        """Value written for missing data: ``fill``, else the first ``nodata`` value, else ``None``."""
+        if self.fill is not None:
+            return self.fill
+        return self.nodata[0] if self.nodata else None
 
     @property
     def num_classes(self) -> int:
@@ -140,7 +150,7 @@ MODALITIES: dict[str, Modality] = {
         Modality(
             "sentinel2_scl", ("SCL",), "uint8", "scene classification class", "pixel", "categorical",
             nodata=(0, 255), class_values=tuple(range(1, 12)), class_names=_SCL_NAMES, class_colors=_SCL_COLORS,
-            notes="L2A only; 255 on L1C tiles; SCL 0 is 'no data'.",
+            fill=255, notes="L2A only; 255 on L1C tiles; SCL 0 is 'no data'.",
         ),
         Modality(
             "sentinel1",
@@ -172,7 +182,7 @@ MODALITIES: dict[str, Modality] = {
         Modality(
             "esa_worldcover", ("Map",), "uint8", "ESA WorldCover code", "pixel", "categorical",
             nodata=(0, 255), class_values=_WORLDCOVER_CODES, class_names=_WORLDCOVER_NAMES,
-            class_colors=_WORLDCOVER_COLORS, notes="MMEarth-data writes 255 for no-data, MMEarth-train reads 0.",
+            class_colors=_WORLDCOVER_COLORS, fill=255, notes="MMEarth-data writes 255 for no-data, MMEarth-train reads 0.",
         ),
         Modality("lat", ("sin_lat", "cos_lat"), "float32", "sin/cos of latitude", "image", "continuous", stats_key="lat"),
         Modality("lon", ("sin_lon", "cos_lon"), "float32", "sin/cos of longitude", "image", "continuous", stats_key="lon"),
