@@ -181,8 +181,8 @@ MODALITIES: dict[str, Modality] = {
         ),
         Modality(
             "esa_worldcover", ("Map",), "uint8", "ESA WorldCover code", "pixel", "categorical",
-            nodata=(0, 255), class_values=_WORLDCOVER_CODES, class_names=_WORLDCOVER_NAMES,
-            class_colors=_WORLDCOVER_COLORS, fill=255, notes="MMEarth-data writes 255 for no-data, MMEarth-train reads 0.",
+            nodata=(0, 255), fill=255, class_values=_WORLDCOVER_CODES, class_names=_WORLDCOVER_NAMES,
+            class_colors=_WORLDCOVER_COLORS, notes="MMEarth-data writes 255 for no-data, MMEarth-train reads 0.",
         ),
         Modality("lat", ("sin_lat", "cos_lat"), "float32", "sin/cos of latitude", "image", "continuous", stats_key="lat"),
         Modality("lon", ("sin_lon", "cos_lon"), "float32", "sin/cos of longitude", "image", "continuous", stats_key="lon"),
