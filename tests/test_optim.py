@@ -1,0 +1,67 @@
+"""Parameter groups and the warm-up + cosine schedule (utils/optim.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from utils.optim import build_optimizer, cosine_lr, multimae_layer_id, no_decay_names, param_groups, set_lr
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.global_tokens = nn.Parameter(torch.zeros(1, 1, 8))
+        self.input_adapters = nn.ModuleDict({"s2_rgb": nn.Linear(4, 8), "worldcover": nn.Embedding(11, 8)})
+        self.encoder = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 2)
+        self.pos_scale = nn.Parameter(torch.ones(4, 4))
+
+    def no_weight_decay(self):
+        return {"pos_scale"}
+
+
+def test_no_decay_on_norms_biases_embeddings_tokens():
+    names = no_decay_names(_Toy())
+    assert names == {"global_tokens", "input_adapters.s2_rgb.bias", "input_adapters.worldcover.weight",
+                     "encoder.0.bias", "encoder.1.weight", "encoder.1.bias", "encoder.2.bias", "head.bias",
+                     "pos_scale"}
+    groups = param_groups(_Toy(), 0.05)
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    assert decayed == {"input_adapters.s2_rgb.weight", "encoder.0.weight", "encoder.2.weight", "head.weight"}
+
+
+def test_decay_everything_reproduces_reference():
+    groups = param_groups(_Toy(), 0.05, decay_everything=True)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.05
+    assert len(groups[0]["params"]) == len(list(_Toy().parameters()))
+
+
+def test_layer_decay_scales():
+    assert multimae_layer_id("model.input_adapters.s2_rgb.proj.weight", 12) == 0
+    assert multimae_layer_id("encoder.3.attn.qkv.weight", 12) == 4
+    assert multimae_layer_id("output_adapters.s2_rgb.x", 12) == 13
+    groups = param_groups(_Toy(), 0.05, layer_decay=0.5, num_layers=2)
+    scales = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scales["input_adapters.s2_rgb.weight"] == pytest.approx(0.125)  # 0.5 ** (2 + 1 - 0)
+    assert scales["encoder.1.weight"] == pytest.approx(0.5)  # block 1 -> layer 2 -> 0.5 ** (3 - 2)
+    assert scales["head.weight"] == 1.0
+    opt = build_optimizer(groups, {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.05}, lr=1e-3)
+    set_lr(opt, 2e-3)
+    assert sorted(g["lr"] for g in opt.param_groups)[0] == pytest.approx(2e-3 * 0.125)
+
+
+def test_cosine_schedule_values():
+    kw = dict(total_steps=110, warmup_steps=10, base_lr=1e-3, min_lr=1e-5)
+    assert cosine_lr(0, **kw) == 0.0
+    assert cosine_lr(5, **kw) == pytest.approx(5e-4)
+    assert cosine_lr(10, **kw) == pytest.approx(1e-3)
+    assert cosine_lr(60, **kw) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert cosine_lr(110, **kw) == pytest.approx(1e-5)
+    assert cosine_lr(500, **kw) == pytest.approx(1e-5)
+    lrs = [cosine_lr(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert cosine_lr(35, **kw) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.25)))

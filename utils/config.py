@@ -1,0 +1,260 @@
+"""Configuration: ``cfgs/defaults.yaml`` <- experiment YAML <- command-line ``key=value`` items.
+
+The layering follows DINOv2 (a complete defaults file, small override files, a dotlist on the
+command line) and the validation follows nanoGPT's rule that unknown keys are errors: every key
+must exist in the defaults, and a value must have the default's type (an int is accepted where
+a float is expected; a key whose default is ``null`` accepts any type). A few keys accept more
+than one type; they are listed in ``UNION_KEYS``.
+
+The resolved config is a plain nested ``dict`` of YAML types. Values derived from it (the
+learning rate, the number of steps) are computed by functions here and never written back into
+the user's keys, so ``config.yaml`` and checkpoints hold exactly what the user asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+__all__ = [
+    "DEFAULTS_PATH",
+    "UNION_KEYS",
+    "RUN_ONLY_KEYS",
+    "ConfigError",
+    "load_config",
+    "merge_config",
+    "parse_overrides",
+    "build_arg_parser",
+    "config_from_args",
+    "effective_lr",
+    "total_batch_size",
+    "save_config",
+    "check_output_dir",
+]
+
+DEFAULTS_PATH = Path(__file__).resolve().parents[1] / "cfgs" / "defaults.yaml"
+
+#: Keys whose value may take any of several types (dotted key -> accepted types).
+UNION_KEYS: dict[str, tuple[type, ...]] = {
+    "masking.alphas": (float, int, list),  # one Dirichlet concentration, or one per in_domain
+    "model.preset": (str, dict),  # a preset name, or a dict of encoder sizes (dim, depth, num_heads)
+}
+
+#: Keys that may change between a run and its resumption without making it "another run": they
+#: steer how a run executes or reports, not what it computes (``max_steps`` only moves the stop).
+RUN_ONLY_KEYS = frozenset({
+    "output_dir", "resume", "resume_anyway", "max_steps", "num_workers", "device", "save_every_steps",
+    "log_every_steps", "keep_every_epochs", "compile", "data.pin_memory", "vis", "wandb",
+})
+
+
+class ConfigError(ValueError):
+    """A config file or command-line item is invalid; the message names the key and its source."""
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_type(key: str, default: Any, value: Any, source: str) -> Any:
+    """Return ``value`` if its type matches ``default``'s (ints promoted to float), else raise."""
+    if value is None or default is None:
+        return value
+    allowed = UNION_KEYS.get(key)
+    if allowed is not None:
+        if isinstance(value, allowed) and not isinstance(value, bool):
+            return value
+        expected = " or ".join(t.__name__ for t in allowed)
+    elif isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+        expected = type(default).__name__
+    elif isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    elif isinstance(default, float) and isinstance(value, str) and _is_float(value):
+        return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+    elif isinstance(value, type(default)):
+        return value
+    else:
+        expected = type(default).__name__
+    raise ConfigError(f"{source}: key {key!r} expects {expected}, got {_type_name(value)} ({value!r})")
+
+
+def merge_config(base: dict, override: dict, source: str, _prefix: str = "") -> dict:
+    """Return a copy of ``base`` with ``override`` merged in, validating keys and types.
+
+    Args:
+        base: The config so far (its keys define what exists).
+        override: Nested dict of new values.
+        source: Where ``override`` comes from (a file path or ``"command line"``), used in errors.
+
+    Raises:
+        ConfigError: a key of ``override`` is not in ``base``, or a value has the wrong type.
+    """
+    out = copy.deepcopy(base)
+    if not isinstance(override, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at {_prefix or 'top level'}, got {override!r}")
+    for key, value in override.items():
+        dotted = f"{_prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"{source}: unknown key {dotted!r} (not in {DEFAULTS_PATH.name})")
+        default = base[key]
+        if isinstance(default, dict) and dotted not in UNION_KEYS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: key {dotted!r} is a section; set its sub-keys, e.g. {dotted}.x=...")
+            out[key] = merge_config(default, value, source, f"{dotted}.")
+        else:
+            out[key] = _check_type(dotted, default, value, source)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    """Turn ``["optim.blr=2e-4", "in_domains=[s2_rgb, elevation]"]`` into a nested dict.
+
+    Values are parsed as YAML, so lists, ``null``, ``true``/``false`` and numbers work
+    (``1e-4`` without a dot, a string in YAML 1.1, is accepted where a float is expected).
+
+    Raises:
+        ConfigError: an item has no ``=`` or an empty key.
+    """
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"command line: expected key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: {key!r} sets a sub-key of a key that is also set directly")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                defaults: str | Path = DEFAULTS_PATH) -> dict:
+    """Resolve a config: defaults, then the experiment file ``path``, then command-line items.
+
+    Args:
+        path: Experiment YAML holding only the keys it changes (or None).
+        overrides: ``key=value`` items, nested keys with dots.
+        defaults: The defaults file that defines every key.
+
+    Returns:
+        The resolved config as a nested dict of plain YAML types.
+
+    Raises:
+        ConfigError: a file is missing or invalid, a key is unknown, or a value has the wrong type.
+    """
+    cfg = _read_yaml(Path(defaults))
+    if path is not None:
+        cfg = merge_config(cfg, _read_yaml(Path(path)), str(path))
+    return merge_config(cfg, parse_overrides(overrides), "command line")
+
+
+def build_arg_parser(description: str) -> argparse.ArgumentParser:
+    """The shared command line of the ``run_*.py`` scripts: ``--config FILE [--summary] key=value ...``."""
+    parser = argparse.ArgumentParser(description=description,
+                                     epilog="Every key and its default: cfgs/defaults.yaml")
+    parser.add_argument("--config", type=Path, default=None, help="experiment YAML (overrides of the defaults)")
+    parser.add_argument("--summary", action="store_true", help="print the model summary and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.blr=2e-4")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    """Resolve the config named by parsed ``build_arg_parser`` arguments."""
+    return load_config(args.config, args.overrides)
+
+
+def total_batch_size(cfg: dict, world_size: int) -> int:
+    """Samples per optimizer step over all processes: ``batch_size * accum_steps * world_size``."""
+    return cfg["batch_size"] * cfg["accum_steps"] * world_size
+
+
+def effective_lr(cfg: dict, world_size: int) -> float:
+    """Peak learning rate ``optim.blr * total_batch / 256`` (the MAE / MultiMAE linear scaling rule)."""
+    return cfg["optim"]["blr"] * total_batch_size(cfg, world_size) / 256
+
+
+def save_config(cfg: dict, output_dir: str | Path) -> Path:
+    """Write the resolved config to ``<output_dir>/config.yaml`` (atomically) and return the path."""
+    path = Path(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where nested dicts ``a`` and ``b`` differ, skipping ``RUN_ONLY_KEYS``."""
+    if prefix.rstrip(".") in RUN_ONLY_KEYS:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def check_output_dir(cfg: dict, output_dir: str | Path) -> None:
+    """Refuse to write into a folder that holds another run's ``config.yaml``.
+
+    A run is "another run" when any key outside ``RUN_ONLY_KEYS`` differs. Re-running the same
+    command therefore passes (and resumes); ``resume_anyway=true`` accepts a changed config.
+
+    Raises:
+        ConfigError: the configs differ and ``resume_anyway`` is false; the message lists the keys.
+    """
+    path = Path(output_dir) / "config.yaml"
+    if not path.is_file() or cfg.get("resume_anyway"):
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    changed = _diff(old, cfg)
+    if changed:
+        shown = ", ".join(f"{k} ({_get(old, k)!r} -> {_get(cfg, k)!r})" for k in changed[:8])
+        raise ConfigError(
+            f"{path} belongs to another run; differing keys: {shown}. Choose another output_dir, "
+            "or pass resume_anyway=true to continue that run with this config."
+        )
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node

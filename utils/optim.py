@@ -1,0 +1,142 @@
+"""Optimiser parameter groups (no weight decay, layer-wise lr decay) and the warm-up + cosine schedule.
+
+Weight decay is applied only to matrices and convolution kernels: biases, normalisation weights,
+position embeddings, learned tokens (global / mask tokens), domain embeddings and class
+embeddings (``nn.Embedding``) are excluded, as in MAE / BEiT fine-tuning and nanoGPT.
+``decay_everything=True`` reproduces the MultiMAE-EO reference, which decays all parameters.
+
+Layer-wise lr decay (BEiT, Bao et al. 2022; used by MAE fine-tuning) scales the lr of encoder
+block ``i`` by ``layer_decay ** (num_layers + 1 - layer_id)``: layer 0 holds everything before
+the encoder (input adapters, tokens, embeddings), layers 1..L the blocks, L+1 the rest (heads,
+decoders, final norm).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "no_decay_names",
+    "multimae_layer_id",
+    "param_groups",
+    "build_optimizer",
+    "cosine_lr",
+    "set_lr",
+]
+
+_NO_DECAY_SUBSTRINGS = ("pos_embed", "global_tokens", "mask_token", "cls_token", "domain_embeds", "class_embed")
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of ``model``'s parameters that get no weight decay.
+
+    A parameter is exempt when it is 1-D (biases, norm weights, per-domain scalars), when it belongs
+    to an ``nn.Embedding`` (class embeddings of categorical adapters), when its name contains one
+    of ``pos_embed``, ``global_tokens``, ``mask_token``, ``cls_token``, ``domain_embeds`` or
+    ``class_embed``, or when ``model.no_weight_decay()`` names it or one of its parent modules.
+    """
+    extra = set(getattr(model, "no_weight_decay", lambda: set())())
+    embedding_params = {
+        f"{mod_name}.{p_name}" if mod_name else p_name
+        for mod_name, module in model.named_modules() if isinstance(module, nn.Embedding)
+        for p_name, _ in module.named_parameters(recurse=False)
+    }
+    out = set()
+    for name, param in model.named_parameters():
+        if (param.ndim <= 1 or name in embedding_params or any(s in name for s in _NO_DECAY_SUBSTRINGS)
+                or any(name == e or name.startswith(e.rstrip(".") + ".") for e in extra)):
+            out.add(name)
+    return out
+
+
+def multimae_layer_id(name: str, num_layers: int) -> int:
+    """Layer id of a MultiMAE parameter for layer-wise lr decay.
+
+    ``input_adapters.*``, ``global_tokens``, ``domain_embeds.*`` -> 0; ``encoder.<i>.*`` -> i + 1;
+    anything else (encoder norm, output adapters, heads) -> ``num_layers + 1``. A leading
+    ``model.`` / ``module.`` / ``encoder_model.`` wrapper prefix is ignored.
+    """
+    for prefix in ("module.", "model.", "encoder_model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    if name.startswith(("input_adapters.", "global_tokens", "domain_embeds", "pos_embed")):
+        return 0
+    parts = name.split(".")
+    if parts[0] == "encoder" and len(parts) > 1 and parts[1].isdigit():
+        return int(parts[1]) + 1
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, decay_everything: bool = False,
+                 layer_decay: float | None = None, num_layers: int | None = None,
+                 layer_id_fn: Callable[[str, int], int] = multimae_layer_id) -> list[dict]:
+    """Split trainable parameters into AdamW groups by weight decay and (optionally) layer.
+
+    Args:
+        model: The module to optimise (frozen parameters are skipped).
+        weight_decay: Decoupled weight decay of the decayed group.
+        decay_everything: Put every parameter in the decayed group (the reference's behaviour).
+        layer_decay: Layer-wise lr decay factor in (0, 1]; None for none.
+        num_layers: Number of encoder blocks; required with ``layer_decay``.
+        layer_id_fn: Maps (parameter name, num_layers) to a layer id in 0..num_layers + 1.
+
+    Returns:
+        Groups ``{"params", "weight_decay", "lr_scale", "names"}``; ``set_lr`` multiplies the
+        scheduled lr by ``lr_scale``.
+
+    Raises:
+        ValueError: ``layer_decay`` without ``num_layers``.
+    """
+    if layer_decay is not None and num_layers is None:
+        raise ValueError("param_groups: layer_decay needs num_layers (the encoder depth)")
+    exempt = set() if decay_everything else no_decay_names(model)
+    groups: dict[tuple, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = 0.0 if name in exempt else weight_decay
+        layer = layer_id_fn(name, num_layers) if layer_decay is not None else 0
+        scale = layer_decay ** (num_layers + 1 - layer) if layer_decay is not None else 1.0
+        group = groups.setdefault((layer, decay), {"params": [], "names": [], "weight_decay": decay,
+                                                   "lr_scale": scale})
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(groups: Iterable[dict], optim_cfg: dict, lr: float) -> torch.optim.AdamW:
+    """AdamW over ``groups`` with the config section ``optim`` (betas, eps); group lr = lr * lr_scale.
+
+    The ``names`` entries of the groups are kept on the optimizer's param groups for inspection
+    (they are plain strings, so the optimizer state dict stays ``weights_only``-loadable).
+    """
+    groups = list(groups)
+    for g in groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg["betas"]), eps=optim_cfg["eps"],
+                             weight_decay=optim_cfg["weight_decay"])
+
+
+def cosine_lr(step: int, *, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then half-cosine decay.
+
+    Warm-up rises linearly from 0: ``base_lr * step / warmup_steps`` for ``step < warmup_steps``
+    (MAE's per-iteration rule). Then ``min_lr + (base_lr - min_lr) * 0.5 * (1 + cos(pi * t))``
+    with ``t = (step - warmup_steps) / (total_steps - warmup_steps)``; steps past ``total_steps``
+    stay at ``min_lr``.
+    """
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr * group["lr_scale"]`` (scale 1 when absent)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
