@@ -1,0 +1,402 @@
+"""MMEarth HDF5 dataset: band groups by name, per-product Sentinel-2 stats, no-data masks.
+
+Reads an MMEarth file set (``<stem>.h5``, ``<stem>_band_stats.json``, ``<stem>_splits.json``; format in
+``../shared/reference/data_formats.md`` section 1) for the domains of :mod:`multimae.domains` and
+returns samples in the batch contract of ``docs/DESIGN.md``. What it does differently from the
+reference MultiMAE-EO loader (``upstream_multimae_eo.md`` section 19): the file is opened once per
+worker process, each modality is read once per sample, Sentinel-2 is normalised with the stats of
+the tile's product (``sentinel2_l1c`` / ``sentinel2_l2a`` from ``metadata`` S2_type, as MMEarth-train
+does), no-data becomes a validity mask (continuous) or ``IGNORE_INDEX`` (categorical), and label
+maps are cropped, never interpolated bilinearly.
+
+Speed: one-chunk-per-sample gzip rows are read as raw chunks and inflated with zlib
+(:class:`utils.data.h5rows.RowReader`), and :meth:`MMEarthDataset.__getitems__` (called by
+``torch.utils.data.DataLoader`` for each batch) normalises the whole batch with vectorised numpy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from multimae.domains import IGNORE_INDEX, Domain, Modality, get_domain, get_modality
+from utils.data.h5rows import RowReader, splitmix64
+from utils.data.mmearth_files import (
+    S2_PRODUCTS, check_modality_dataset, load_band_stats, load_splits, read_s2_products, resolve_fileset,
+)
+
+__all__ = ["MMEarthDataset", "standardize_per_tile"]
+
+_ELEVATION_NORMS = ("per_tile", "band_stats")
+
+
+@dataclass
+class _Plan:
+    """How one domain is cut from its modality and normalised (built once at construction)."""
+
+    domain: Domain
+    modality: Modality
+    idx: np.ndarray                      # band indices into the stored channels
+    per_tile: bool = False               # elevation standardised per sample (reference)
+    scale: np.ndarray | None = None      # float32 (P, C): 1 / std per product P (P = 2 for Sentinel-2)
+    offset: np.ndarray | None = None     # float32 (P, C): -mean / std
+    lut: np.ndarray | None = None        # categorical: stored value -> class id or IGNORE_INDEX
+    nodata: tuple = ()                   # finite no-data values representable in the stored dtype
+    stats_keys: tuple[str, ...] = ()
+
+
+def _representable(mod: Modality) -> tuple:
+    """The modality's finite no-data values that its stored dtype can hold (NaN / inf are checked apart)."""
+    dt = np.dtype(mod.dtype)
+    out = []
+    for v in mod.nodata:
+        if not np.isfinite(v):
+            continue
+        if dt.kind in "iu" and not (np.iinfo(dt).min <= v <= np.iinfo(dt).max and float(v).is_integer()):
+            continue
+        out.append(dt.type(v))
+    return tuple(out)
+
+
+def standardize_per_tile(x: np.ndarray, valid: np.ndarray, low: float = 0.1, high: float = 0.9) -> np.ndarray:
+    """Per-sample, per-channel standardisation on valid pixels trimmed to the [low, high) quantile range.
+
+    The reference's ``standardize_depth`` (MultiMAE-EO, ``upstream_multimae_eo.md`` 4.4): sort the
+    valid values, keep the central slice ``[int(low n), int(high n))``, then return
+    ``(x - mean) / sqrt(var + 1e-6)`` with the kept values' mean and unbiased variance.
+
+    Args:
+        x: float32 (B, C, H, W), e.g. elevation in metres.
+        valid: bool (B, H, W).
+
+    Returns:
+        float32 (B, C, H, W); samples without a valid pixel are returned as zeros.
+    """
+    b, c = x.shape[:2]
+    flat, vflat = x.reshape(b, c, -1), valid.reshape(b, -1)
+    mean = np.zeros((b, c), np.float64)
+    std = np.ones((b, c), np.float64)
+    full = vflat.all(1)
+
+    def trimmed(v: np.ndarray):  # v: (..., n) sorted
+        n = v.shape[-1]
+        lo, hi = int(low * n), int(high * n)
+        kept = v[..., lo:hi] if hi - lo >= 2 else v
+        var = kept.var(-1, ddof=1, dtype=np.float64) if kept.shape[-1] > 1 else np.zeros(kept.shape[:-1])
+        return kept.mean(-1, dtype=np.float64), np.sqrt(var + 1e-6)
+
+    if full.any():
+        mean[full], std[full] = trimmed(np.sort(flat[full], axis=-1))
+    for i in np.flatnonzero(~full):
+        if vflat[i].any():
+            mean[i], std[i] = trimmed(np.sort(flat[i][:, vflat[i]], axis=-1))
+    out = (x - mean[:, :, None, None].astype(np.float32)) / std[:, :, None, None].astype(np.float32)
+    return out.astype(np.float32, copy=False)
+
+
+class MMEarthDataset(Dataset):
+    """MMEarth HDF5 file set as a map-style dataset of multi-domain samples.
+
+    Each sample is ``{"inputs": {domain: Tensor}, "valid": {domain: Tensor}, "index": int}``:
+    continuous pixel domains are float32 (C, H, W), z-scored (elevation optionally per tile), invalid
+    pixels 0; categorical domains are int64 (H, W) class ids 0..K-1 with ``IGNORE_INDEX`` (-1) for
+    no-data; ``valid`` is bool (H, W) (image-level domains: (C,) vectors and a () mask). ``index`` is
+    the HDF5 row. Output-only domains (``Domain.source`` set, e.g. ``s2_rgb_normpix``) are not in the
+    sample; their source domain is loaded instead.
+
+    Args:
+        data_path: The ``<stem>.h5`` file or the folder holding it and its side files.
+        domains: Domain names of :data:`multimae.domains.DOMAINS`, in the order wanted.
+        split: Split name of ``<stem>_splits.json`` (``train``, ``val``, ``test``).
+        input_size: Output side in px; None = the full tile.
+        augment: True: random crop (or resize) and horizontal flip, shared by every domain of a
+            sample; False: centre crop, no flip.
+        hflip: Flip probability when ``augment``.
+        resize: Resize the whole tile to ``input_size`` instead of cropping (continuous: bilinear,
+            validity: a pixel stays valid only if every source pixel was; labels: nearest).
+        elevation_norm: ``per_tile`` (the reference's trimmed per-sample standardisation of the
+            ``aster`` elevation band) or ``band_stats`` (z-score with the ``aster`` stats).
+        seed: Base seed. Crop and flip of a sample depend only on (seed, epoch, HDF5 row), so they
+            do not change with worker count, batch composition or order (exact resume).
+        indices: HDF5 rows to use instead of the split's list.
+        rdcc_nbytes: HDF5 chunk-cache size per dataset (None = h5py's default); only the fallback
+            read path uses it.
+
+    Raises:
+        FileNotFoundError: missing HDF5 or side file. KeyError: unknown domain / split, missing HDF5
+        dataset or stats key (the message names the file and key and lists valid names).
+        ValueError: wrong dtype / shape, bad split rows, bad stats, bad arguments.
+    """
+
+    def __init__(
+        self, data_path, domains: Sequence[str], split: str = "train", *, input_size: int | None = None,
+        augment: bool = False, hflip: float = 0.5, resize: bool = False, elevation_norm: str = "per_tile",
+        seed: int = 0, indices=None, rdcc_nbytes: int | None = None,
+    ) -> None:
+        if isinstance(domains, str) or not domains:
+            raise ValueError(f"domains must be a non-empty list of domain names, got {domains!r}")
+        if elevation_norm not in _ELEVATION_NORMS:
+            raise ValueError(f"elevation_norm must be one of {_ELEVATION_NORMS}, got {elevation_norm!r}")
+        if not 0.0 <= hflip <= 1.0:
+            raise ValueError(f"hflip must be a probability in [0, 1], got {hflip}")
+        self.files = resolve_fileset(data_path)
+        self.domains = list(dict.fromkeys(domains))
+        self.augment, self.hflip, self.resize = bool(augment), float(hflip), bool(resize)
+        self.elevation_norm, self.seed, self.split = elevation_norm, int(seed), split
+        self._rdcc_nbytes = rdcc_nbytes
+        resolved = [get_domain(d) for d in self.domains]
+        loaded = {d.source if d.is_output_only else d.name: None for d in resolved}
+        self._loaded = [get_domain(name) for name in loaded]
+        for d in self._loaded:
+            if d.kind == "onehot" and d.level != "image":
+                raise ValueError(f"domain {d.name!r}: one-hot modality {d.modality!r} must be image-level")
+        self._modalities = {d.modality: get_modality(d.modality) for d in self._loaded}
+        self._open_and_check(split, indices)
+        self.input_size = self.tile_size if input_size is None else int(input_size)
+        if self.input_size <= 0 or (self.tile_size and self.input_size > self.tile_size and not self.resize):
+            raise ValueError(
+                f"input_size {input_size} must be in [1, tile size {self.tile_size}] (or set resize=True); "
+                f"file {self.files.h5}"
+            )
+        self._h5, self._readers, self._pid = None, None, None
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # visible to persistent workers
+
+    # ------------------------------------------------------------------ construction
+    def _open_and_check(self, split: str, indices) -> None:
+        path = self.files.h5
+        with h5py.File(path, "r") as h5:
+            ref = "metadata" if "metadata" in h5 else next(iter(self._modalities))
+            if ref not in h5:
+                raise KeyError(f"{path}: dataset {ref!r} missing; datasets present: {', '.join(sorted(h5))}")
+            self.num_rows = int(h5[ref].shape[0])
+            tile = None
+            for mod in self._modalities.values():
+                tile = check_modality_dataset(h5, path, mod, self.num_rows, tile)
+            self.tile_size = tile
+            self._splits = load_splits(self.files.splits, self.num_rows)
+            if indices is None:
+                if split not in self._splits:
+                    raise KeyError(
+                        f"{self.files.splits}: unknown split {split!r}; valid splits: {', '.join(self._splits)}"
+                    )
+                rows = self._splits[split]
+            else:
+                rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+                if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+                    raise ValueError(f"{path}: indices must lie in [0, {self.num_rows})")
+            self._rows = rows
+            needs_s2 = any(m.stats_key == "sentinel2" for m in self._modalities.values())
+            self._products = read_s2_products(h5, path, rows) if needs_s2 else np.zeros(self.num_rows, np.uint8)
+        self._plans = self._build_plans(needs_s2)
+
+    def _build_plans(self, needs_s2: bool) -> list[_Plan]:
+        plans, needed, used = [], {}, {}
+        present = sorted({S2_PRODUCTS[p] for p in np.unique(self._products[self._rows])}) if needs_s2 else []
+        for d in self._loaded:
+            mod = self._modalities[d.modality]
+            plan = _Plan(d, mod, np.asarray(d.band_indices, dtype=np.int64), nodata=_representable(mod))
+            if mod.kind == "continuous":
+                plan.per_tile = (self.elevation_norm == "per_tile" and d.modality == "aster"
+                                 and tuple(d.bands) == ("elevation",))
+                if not plan.per_tile:
+                    keys = [f"sentinel2_{p}" for p in present] if mod.stats_key == "sentinel2" else [mod.stats_key]
+                    plan.stats_keys = tuple(keys)
+                    for k in keys:
+                        needed[k] = mod
+                        used.setdefault(k, []).extend(plan.idx.tolist())
+            elif mod.kind == "categorical":
+                bits = np.dtype(mod.dtype).itemsize * 8
+                if bits > 16:
+                    raise ValueError(f"modality {mod.name!r}: categorical dtype {mod.dtype} wider than 16 bits")
+                plan.lut = np.full(1 << bits, IGNORE_INDEX, dtype=np.int64)
+                plan.lut[np.asarray(mod.class_values)] = np.arange(len(mod.class_values))
+            plans.append(plan)
+        stats = load_band_stats(self.files.band_stats, needed, used)
+        self._stats = stats
+        for plan in plans:
+            if not plan.stats_keys:
+                continue
+            rows = [plan.stats_keys[0]] * len(S2_PRODUCTS) if plan.modality.stats_key == "sentinel2" else []
+            for p, prod in enumerate(S2_PRODUCTS):
+                if f"sentinel2_{prod}" in plan.stats_keys:
+                    rows[p] = f"sentinel2_{prod}"
+            rows = rows or [plan.stats_keys[0]]
+            std = np.stack([stats[k]["std"][plan.idx] for k in rows])
+            mean = np.stack([stats[k]["mean"][plan.idx] for k in rows])
+            plan.scale = (1.0 / std).astype(np.float32)
+            plan.offset = (-mean / std).astype(np.float32)
+        return plans
+
+    # ------------------------------------------------------------------ public helpers
+    @property
+    def split_names(self) -> list[str]:
+        """Split names of ``<stem>_splits.json``."""
+        return list(self._splits)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """HDF5 row of each sample position (int64 (len,))."""
+        return self._rows
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of ``epoch`` (shared with worker processes, persistent or not)."""
+        self._epoch[0] = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        """Epoch whose augmentation draws are used."""
+        return int(self._epoch[0])
+
+    def domain_info(self) -> dict:
+        """JSON-serialisable description of every requested domain, for checkpoints.
+
+        Returns:
+            ``{domain: {"modality", "bands", "kind", "level", "units", "source", "normalization",
+            "stats": {stats key: {"mean": [...], "std": [...]}}, "class_names", "class_values"}}``;
+            stats are per band of the domain (Sentinel-2: one entry per product present).
+        """
+        plans = {p.domain.name: p for p in self._plans}
+        info = {}
+        for name in self.domains:
+            d = get_domain(name)
+            plan = plans[d.source or d.name]
+            mod = plan.modality
+            if mod.kind != "continuous":
+                norm = "class ids" if mod.kind in ("categorical", "onehot") else "raw"
+            else:
+                norm = "per_tile" if plan.per_tile else "band_stats"
+            info[name] = {
+                "modality": mod.name, "bands": list(d.bands), "kind": d.kind, "level": d.level, "units": mod.units,
+                "source": d.source, "normalization": norm, "norm_pix": d.norm_pix,
+                "stats": {k: {"mean": self._stats[k]["mean"][plan.idx].tolist(),
+                              "std": self._stats[k]["std"][plan.idx].tolist()} for k in plan.stats_keys},
+                "class_names": list(mod.class_names) if mod.kind != "continuous" else [],
+                "class_values": list(mod.class_values) if mod.kind != "continuous" else [],
+                "nodata": [str(v) for v in mod.nodata],
+            }
+        return info
+
+    # ------------------------------------------------------------------ worker-side file handle
+    def _reader(self, modality: str) -> RowReader:
+        if self._readers is None or self._pid != os.getpid():
+            # First use in this process (or a forked worker inherited the parent's handle): reopen.
+            kw = {} if self._rdcc_nbytes is None else {"rdcc_nbytes": int(self._rdcc_nbytes)}
+            self._h5 = h5py.File(self.files.h5, "r", **kw)
+            self._readers = {m: RowReader(self._h5[m]) for m in self._modalities}
+            self._pid = os.getpid()
+        return self._readers[modality]
+
+    def close(self) -> None:
+        """Close this process's HDF5 handle (reopened on the next read)."""
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5, self._readers, self._pid = None, None, None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_h5=None, _readers=None, _pid=None)
+        return state
+
+    # ------------------------------------------------------------------ sampling
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _geometry(self, rows: np.ndarray):
+        """Crop corner (y0, x0) and flip flag per row, a pure function of (seed, epoch, row)."""
+        n, size, tile = len(rows), self.input_size, self.tile_size
+        span = 0 if self.resize else tile - size
+        if not self.augment:
+            off = np.full(n, span // 2, np.int64)
+            return off, off, np.zeros(n, bool)
+        key = splitmix64(splitmix64(np.uint64(self.seed & (2**64 - 1))) ^ np.uint64(self.epoch))
+        h1 = splitmix64(key ^ rows.astype(np.uint64))
+        h2, h3 = splitmix64(h1), splitmix64(h1 ^ np.uint64(0x5851F42D4C957F2D))
+        y0 = (h1 >> np.uint64(11)) % np.uint64(span + 1)
+        x0 = (h2 >> np.uint64(11)) % np.uint64(span + 1)
+        flip = (h3 >> np.uint64(11)).astype(np.float64) * 2.0**-53 < self.hflip
+        return y0.astype(np.int64), x0.astype(np.int64), flip
+
+    def _read_batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Read each modality once per row; crop and flip pixel modalities. Returns (B, C, h, w) / (B, C)."""
+        y0, x0, flip = self._geometry(rows)
+        h = self.tile_size if self.resize else self.input_size
+        out = {}
+        for name, mod in self._modalities.items():
+            reader = self._reader(name)
+            if mod.level == "image":
+                out[name] = np.stack([reader.read(r) for r in rows])
+                continue
+            buf = np.empty((len(rows), len(mod.bands), h, h), dtype=reader.dtype)
+            for b, r in enumerate(rows):
+                tile = reader.read(r)[:, y0[b]:y0[b] + h, x0[b]:x0[b] + h]
+                buf[b] = tile[..., ::-1] if flip[b] else tile
+            out[name] = buf
+        return out
+
+    def __getitems__(self, positions) -> list[dict]:
+        """Load a batch of samples (``DataLoader`` calls this once per batch); see the class docstring."""
+        rows = self._rows[np.asarray(positions, dtype=np.int64)]
+        raw = self._read_batch(rows)
+        products = self._products[rows].astype(np.int64)
+        inputs, valid = {}, {}
+        for plan in self._plans:
+            x, v = self._process(plan, raw[plan.modality.name], products)
+            if self.resize and plan.domain.level == "pixel" and x.shape[-1] != self.input_size:
+                x, v = self._resize(plan, x, v)
+            inputs[plan.domain.name], valid[plan.domain.name] = torch.from_numpy(x), torch.from_numpy(v)
+        return [
+            {"inputs": {k: t[b] for k, t in inputs.items()}, "valid": {k: t[b] for k, t in valid.items()},
+             "index": int(rows[b])}
+            for b in range(len(rows))
+        ]
+
+    def __getitem__(self, position: int) -> dict:
+        return self.__getitems__([position])[0]
+
+    def _process(self, plan: _Plan, raw: np.ndarray, products: np.ndarray):
+        """Normalise one domain of a batch. ``raw``: (B, C_mod, h, w) or (B, C_mod) stored values."""
+        mod = plan.modality
+        if mod.kind == "onehot":
+            valid = raw.any(1)
+            return np.where(valid, raw.argmax(1), IGNORE_INDEX).astype(np.int64), valid
+        sub = raw[:, plan.idx]
+        if mod.kind == "categorical":
+            labels = plan.lut[sub[:, 0].view(f"u{sub.dtype.itemsize}")]
+            return labels, labels != IGNORE_INDEX
+        invalid = ~np.isfinite(sub) if sub.dtype.kind == "f" else np.zeros(sub.shape, bool)
+        for nd in plan.nodata:
+            invalid |= sub == nd
+        valid = ~invalid.any(1)
+        if mod.kind == "flags":
+            return np.where(valid, sub[:, 0], 0).astype(np.int64), valid
+        x = sub.astype(np.float32)
+        if plan.per_tile:
+            x = standardize_per_tile(x, valid) if x.ndim == 4 else x
+        else:
+            bshape = (-1, x.shape[1]) + (1,) * (x.ndim - 2)
+            p = products if plan.scale.shape[0] > 1 else np.zeros_like(products)
+            x *= plan.scale[p].reshape(bshape)
+            x += plan.offset[p].reshape(bshape)
+        valid &= np.isfinite(x).all(1)
+        np.copyto(x, 0.0, where=~valid[:, None])
+        return x, valid
+
+    def _resize(self, plan: _Plan, x: np.ndarray, valid: np.ndarray):
+        """Resize a (B, C, S, S) batch to ``input_size``: bilinear for continuous values, nearest for labels."""
+        size, tile = self.input_size, x.shape[-1]
+        if x.ndim == 3:  # class maps (B, S, S): nearest, pixel centres aligned
+            idx = np.minimum(((np.arange(size) + 0.5) * tile / size).astype(np.int64), tile - 1)
+            lab = x[:, idx][:, :, idx]
+            return lab, lab != IGNORE_INDEX
+        xt = F.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear", align_corners=False)
+        vt = F.interpolate(torch.from_numpy(valid[:, None].astype(np.float32)), size=(size, size),
+                           mode="bilinear", align_corners=False)[:, 0] > 1 - 1e-4
+        out = xt.numpy() * vt.numpy()[:, None]
+        return out.astype(np.float32), vt.numpy()
