@@ -1,0 +1,269 @@
+"""Writes an MMEarth file set: ``<stem>.h5`` plus its band-stats, splits and tile-info JSON files.
+
+The layout follows MMEarth-data ``utils/convert_to_h5.py`` as described in
+``../shared/reference/data_formats.md`` section 1: every dataset of the modality registry
+(:data:`multimae.domains.MODALITIES`) with MMEarth's name, dtype and channel order, shape (N, C, S, S)
+for pixel-level and (N, C) for image-level modalities, gzip compression and one chunk per sample
+(``chunks=(1, ...)``), plus the ``metadata`` compound (``tile_id`` S100, ``S2_type`` S10).
+Band statistics exclude every no-data value the registry lists (and NaN / inf), are kept per
+Sentinel-2 product (``sentinel2_l1c``, ``sentinel2_l2a``; no plain ``sentinel2`` key) and are
+accumulated while rows are written, so nothing is read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from multimae.domains import MODALITIES, Modality
+
+__all__ = ["METADATA_DTYPE", "S2_TYPES", "BandStats", "MMEarthWriter", "make_splits"]
+
+#: The ``metadata`` compound dtype of MMEarth files.
+METADATA_DTYPE = np.dtype([("tile_id", "S100"), ("S2_type", "S10")])
+#: Sentinel-2 product levels MMEarth distinguishes.
+S2_TYPES = ("l1c", "l2a")
+
+
+def invalid_mask(modality: Modality, x: np.ndarray) -> np.ndarray:
+    """True where ``x`` holds one of ``modality``'s no-data values (or NaN / inf for float data)."""
+    bad = np.zeros(x.shape, bool) if x.dtype.kind in "iu" else ~np.isfinite(x)
+    for value in modality.nodata:
+        if np.isfinite(value):
+            bad |= x == value
+    return bad
+
+
+class BandStats:
+    """Per-band count, mean, std, min and max of valid values, merged block by block.
+
+    Uses the pairwise update of Chan et al. (1979) so that one pass over the rows gives the same
+    figures as a two-pass computation in float64.
+
+    Args:
+        num_bands: Number of channels C.
+    """
+
+    def __init__(self, num_bands: int) -> None:
+        self.count = np.zeros(num_bands, np.int64)
+        self.mean = np.zeros(num_bands)
+        self.m2 = np.zeros(num_bands)
+        self.min = np.full(num_bands, np.inf)
+        self.max = np.full(num_bands, -np.inf)
+
+    def update(self, x: np.ndarray, invalid: np.ndarray) -> None:
+        """Add a block: ``x`` and ``invalid`` of shape (n, C, ...); invalid values are skipped."""
+        c = x.shape[1]
+        v = np.moveaxis(x, 1, 0).reshape(c, -1).astype(np.float64)
+        ok = ~np.moveaxis(invalid, 1, 0).reshape(c, -1)
+        n = ok.sum(1)
+        if not n.any():
+            return
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(ok, v, 0).sum(1) / np.maximum(n, 1)
+            m2 = np.where(ok, (v - mean[:, None]) ** 2, 0).sum(1)
+        total = self.count + n
+        delta = mean - self.mean
+        frac = np.divide(n, total, out=np.zeros(c), where=total > 0)
+        self.mean = self.mean + delta * frac
+        self.m2 = self.m2 + m2 + delta**2 * self.count * frac
+        self.count = total
+        self.min = np.minimum(self.min, np.where(ok, v, np.inf).min(1))
+        self.max = np.maximum(self.max, np.where(ok, v, -np.inf).max(1))
+
+    def to_json(self) -> dict:
+        """``{"mean", "std", "min", "max", "count"}`` lists. A band without any valid value gets mean 0,
+        std 1, min 0, max 0 and count 0 (an identity normalisation: all its pixels are masked anyway)."""
+        has = self.count > 0
+        std = np.sqrt(np.divide(self.m2, self.count, out=np.zeros_like(self.m2), where=has))
+        return {
+            "mean": np.where(has, self.mean, 0.0).tolist(),
+            "std": np.where(has, std, 1.0).tolist(),
+            "min": np.where(has, self.min, 0.0).tolist(),
+            "max": np.where(has, self.max, 0.0).tolist(),
+            "count": self.count.tolist(),
+        }
+
+
+def _stats_key(modality: Modality, s2_type: str) -> str | None:
+    if modality.stats_key == "sentinel2":
+        return f"sentinel2_{s2_type}"
+    return modality.stats_key
+
+
+class MMEarthWriter:
+    """Creates every MMEarth dataset for ``num_tiles`` rows and fills them block by block.
+
+    The HDF5 file is written under a temporary name and renamed by :meth:`close`, so an interrupted
+    run never leaves a file that looks complete.
+
+    Args:
+        folder: Output folder; the file stem is its basename (``data_1M_v001_64/data_1M_v001_64.h5``).
+        num_tiles: Number of rows N.
+        tile_size: Tile side S in pixels.
+        compression_level: gzip level (MMEarth uses h5py's default, 4).
+        attrs: Extra HDF5 file attributes (provenance), plain strings or numbers.
+    """
+
+    def __init__(
+        self, folder: Path, num_tiles: int, tile_size: int, *, compression_level: int = 4, attrs: dict | None = None
+    ) -> None:
+        self.folder = Path(folder)
+        self.stem = self.folder.name
+        self.num_tiles, self.tile_size = num_tiles, tile_size
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / f"{self.stem}.h5"
+        self._partial = self.folder / f".{self.stem}.h5.partial"
+        self._h5 = h5py.File(self._partial, "w")
+        for key, value in (attrs or {}).items():
+            self._h5.attrs[key] = value
+        for mod in MODALITIES.values():
+            shape = (len(mod.bands), tile_size, tile_size) if mod.level == "pixel" else (len(mod.bands),)
+            fill = mod.fill_value
+            self._h5.create_dataset(
+                mod.name, shape=(num_tiles, *shape), dtype=mod.dtype, chunks=(1, *shape),
+                compression="gzip", compression_opts=compression_level,
+                fillvalue=np.array(0 if fill is None else fill).astype(mod.dtype),
+            )
+        self._h5.create_dataset(
+            "metadata", shape=(num_tiles,), dtype=METADATA_DTYPE, chunks=(1,),
+            compression="gzip", compression_opts=compression_level,
+        )
+        self.stats: dict[str, BandStats] = {}
+        for mod in MODALITIES.values():
+            if mod.kind != "continuous":
+                continue
+            for s2_type in S2_TYPES if mod.stats_key == "sentinel2" else ("",):
+                self.stats[_stats_key(mod, s2_type)] = BandStats(len(mod.bands))
+        self.tile_info: dict[str, dict] = {}
+
+    def write(self, start: int, data: dict[str, np.ndarray], tile_ids: list[str], s2_types: list[str],
+              infos: list[dict]) -> None:
+        """Write rows ``start .. start + n - 1``.
+
+        Args:
+            start: First row.
+            data: Every modality name -> array (n, C, S, S) or (n, C) in the registry's dtype.
+            tile_ids: n unique ASCII tile ids (at most 100 bytes).
+            s2_types: n Sentinel-2 product levels, ``l1c`` or ``l2a``.
+            infos: n tile-info entries (JSON-serialisable dicts), stored under the tile id.
+
+        Raises:
+            ValueError: a modality is missing or has the wrong shape or dtype, a tile id is too long
+                or repeated, or ``s2_types`` holds an unknown product level.
+        """
+        n = len(tile_ids)
+        if start + n > self.num_tiles:
+            raise ValueError(f"rows {start}..{start + n - 1} exceed the {self.num_tiles} rows of {self.path}")
+        for mod in MODALITIES.values():
+            if mod.name not in data:
+                raise ValueError(f"tile block misses modality {mod.name!r}")
+            x = data[mod.name]
+            expected = self._h5[mod.name].shape[1:]
+            if x.shape != (n, *expected) or x.dtype != np.dtype(mod.dtype):
+                raise ValueError(
+                    f"modality {mod.name!r}: got {x.dtype}{x.shape}, MMEarth stores {mod.dtype}{(n, *expected)}"
+                )
+            self._h5[mod.name][start:start + n] = x
+            if mod.kind == "continuous":
+                self._update_stats(mod, x, s2_types)
+        meta = np.zeros(n, METADATA_DTYPE)
+        for i, (tile_id, s2_type, info) in enumerate(zip(tile_ids, s2_types, infos)):
+            if s2_type not in S2_TYPES:
+                raise ValueError(f"tile {tile_id!r}: S2_type {s2_type!r} is not one of {S2_TYPES}")
+            if len(tile_id.encode()) > 100 or not tile_id.isascii():
+                raise ValueError(f"tile id {tile_id!r} is not ASCII of at most 100 bytes (metadata S100)")
+            if tile_id in self.tile_info:
+                raise ValueError(f"tile id {tile_id!r} is repeated")
+            meta[i] = (tile_id.encode(), s2_type.encode())
+            self.tile_info[tile_id] = info
+        self._h5["metadata"][start:start + n] = meta
+
+    def _update_stats(self, mod: Modality, x: np.ndarray, s2_types: list[str]) -> None:
+        invalid = invalid_mask(mod, x)
+        if mod.stats_key != "sentinel2":
+            self.stats[mod.stats_key].update(x, invalid)
+            return
+        kinds = np.array(s2_types)
+        for s2_type in S2_TYPES:
+            rows = kinds == s2_type
+            if rows.any():
+                self.stats[f"sentinel2_{s2_type}"].update(x[rows], invalid[rows])
+
+    def close(self, splits: dict[str, list[int]]) -> dict[str, Path]:
+        """Finish the HDF5 file and write the three JSON side files.
+
+        Args:
+            splits: Split name -> HDF5 row indices.
+
+        Returns:
+            Paths keyed ``h5``, ``band_stats``, ``splits``, ``tile_info``.
+
+        Raises:
+            ValueError: fewer rows were written than announced.
+        """
+        if len(self.tile_info) != self.num_tiles:
+            self.abort()
+            raise ValueError(f"{self.path}: {len(self.tile_info)} rows written, {self.num_tiles} announced")
+        self._h5.close()
+        os.replace(self._partial, self.path)
+        paths = {"h5": self.path}
+        for key, obj in (
+            ("band_stats", {k: s.to_json() for k, s in self.stats.items()}),
+            ("splits", splits),
+            ("tile_info", self.tile_info),
+        ):
+            paths[key] = self.folder / f"{self.stem}_{key}.json"
+            paths[key].write_text(json.dumps(obj, indent=None if key == "tile_info" else 1, allow_nan=False))
+        return paths
+
+    def abort(self) -> None:
+        """Close and delete the partial HDF5 file (after an error)."""
+        if self._h5.id.valid:
+            self._h5.close()
+        self._partial.unlink(missing_ok=True)
+
+
+def make_splits(
+    groups: list, fractions: dict[str, float], seed: int = 0, exclude: set[int] | None = None
+) -> dict[str, list[int]]:
+    """Deterministic random splits of HDF5 rows, keeping rows of one group in one split.
+
+    Groups (e.g. one location's L1C and L2A tiles, or one scene) are shuffled with ``seed`` and
+    assigned by largest remainder of ``fraction * number of groups``; then every split with a
+    positive fraction gets at least one group when there are enough groups, taken from the largest.
+
+    Args:
+        groups: Group key of each row (length N).
+        fractions: Split name -> fraction (non-negative, summing to 1).
+        seed: Seed of the shuffle.
+        exclude: Rows left out of every split (e.g. tiles without any valid pixel).
+
+    Returns:
+        Split name -> sorted row indices; disjoint, covering all rows not excluded.
+    """
+    exclude = exclude or set()
+    order: dict = {}
+    for row, g in enumerate(groups):
+        if row not in exclude:
+            order.setdefault(g, []).append(row)
+    keys = list(order)
+    keys = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
+    names = list(fractions)
+    raw = np.array([fractions[s] for s in names]) * len(keys)
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: len(keys) - counts.sum()]:
+        counts[i] += 1
+    for i, name in enumerate(names):
+        if counts[i] == 0 and fractions[name] > 0 and (counts > 1).any():
+            counts[int(np.argmax(counts))] -= 1
+            counts[i] += 1
+    out, pos = {}, 0
+    for name, k in zip(names, counts):
+        out[name] = sorted(row for g in keys[pos:pos + k] for row in order[g])
+        pos += k
+    return out
