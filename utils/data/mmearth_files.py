@@ -167,7 +167,7 @@ def read_s2_products(h5: h5py.File, path: Path, rows: np.ndarray, block: int = 6
         codes[start:start + block] = mapped[inv]
     bad = rows[codes[rows] == 255]
     if bad.size:
-        val = field[int(bad[0])]
+        val = bytes(field[int(bad[0])]).decode(errors="replace")
         raise ValueError(f"{path}: metadata row {int(bad[0])} has S2_type {val!r}; expected one of {S2_PRODUCTS}")
     return codes
 

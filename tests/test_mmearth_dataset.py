@@ -1,0 +1,291 @@
+"""Tests of utils/data/mmearth.py on format-faithful fixtures written by tests/mmearth_fixture.py."""
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from multimae.domains import IGNORE_INDEX, get_domain
+from tests.mmearth_fixture import write_mmearth_fileset
+from utils.data.mmearth import MMEarthDataset, standardize_per_tile
+
+DEFAULT = ["s2_rgb", "s2_rededge", "s2_nir", "s2_swir", "elevation", "worldcover", "s2_rgb_normpix"]
+
+
+def _fresh(tmp_path: Path, name="fs", **kw) -> Path:
+    return write_mmearth_fileset(tmp_path / name, num_tiles=kw.pop("num_tiles", 6), tile_size=16, **kw)
+
+
+def _stats(folder: Path) -> dict:
+    return json.loads((folder / f"{folder.name}_band_stats.json").read_text())
+
+
+def _expected_s2(folder: Path, row: int, bands) -> tuple[np.ndarray, np.ndarray]:
+    """Independent reference: z-score of ``bands`` of a full tile with the tile's product stats."""
+    with h5py.File(folder / f"{folder.name}.h5") as h5:
+        raw = h5["sentinel2"][row].astype(np.float64)
+        product = h5["metadata"][row][1].decode()
+    st = _stats(folder)[f"sentinel2_{product}"]
+    names = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B8A", "B08", "B09", "B10", "B11", "B12"]
+    idx = [names.index(b) for b in bands]
+    x = (raw[idx] - np.array(st["mean"])[idx, None, None]) / np.array(st["std"])[idx, None, None]
+    valid = (raw[idx] != 0).all(0)
+    return np.where(valid, x, 0), valid
+
+
+def test_shapes_dtypes_masks(mmearth_fileset):
+    ds = MMEarthDataset(mmearth_fileset, DEFAULT, "train", input_size=56, augment=True)
+    assert ds.tile_size == 64 and ds.split_names == ["train", "val", "test"]
+    sample = ds[0]
+    assert set(sample["inputs"]) == set(DEFAULT) - {"s2_rgb_normpix"}  # output-only: derived by the model
+    assert sample["index"] == int(ds.rows[0])
+    for name, x in sample["inputs"].items():
+        d, v = get_domain(name), sample["valid"][name]
+        assert v.dtype == torch.bool and v.shape == (56, 56)
+        if d.kind == "categorical":
+            assert x.dtype == torch.int64 and x.shape == (56, 56)
+            assert x.min() >= IGNORE_INDEX and x.max() < d.num_classes
+            assert torch.equal(v, x != IGNORE_INDEX)
+        else:
+            assert x.dtype == torch.float32 and x.shape == (d.num_channels, 56, 56)
+            assert torch.isfinite(x).all() and (x[:, ~v] == 0).all()
+    batch = next(iter(DataLoader(ds, batch_size=4)))
+    assert batch["inputs"]["s2_rgb"].shape == (4, 3, 56, 56) and batch["index"].shape == (4,)
+    assert json.loads(json.dumps(ds.domain_info()))["s2_rgb_normpix"]["source"] == "s2_rgb"
+
+
+def test_band_order_and_per_product_stats(mmearth_fileset):
+    ds = MMEarthDataset(mmearth_fileset, ["s2_nir", "s2_rgb"], "train")  # full tile, no augmentation
+    info = ds.domain_info()["s2_nir"]
+    assert info["bands"] == ["B8A", "B08"] and set(info["stats"]) == {"sentinel2_l1c", "sentinel2_l2a"}
+    products = set()
+    with h5py.File(mmearth_fileset / "mmearth_tiny.h5") as h5:
+        for pos, row in enumerate(ds.rows):
+            products.add(h5["metadata"][row][1])
+            sample = ds[pos]
+            for name, bands in (("s2_nir", ["B8A", "B08"]), ("s2_rgb", ["B04", "B03", "B02"])):
+                exp, valid = _expected_s2(mmearth_fileset, row, bands)
+                np.testing.assert_array_equal(sample["valid"][name].numpy(), valid)
+                np.testing.assert_allclose(sample["inputs"][name].numpy(), exp, rtol=1e-4, atol=1e-4)
+    assert products == {b"l1c", b"l2a"}  # both products exercised
+    # Swapping to the other product's stats would change the values: the stats really differ.
+    st = _stats(mmearth_fileset)
+    assert abs(st["sentinel2_l1c"]["mean"][7] - st["sentinel2_l2a"]["mean"][7]) > 10
+
+
+def test_nodata_becomes_mask_or_ignore(tmp_path):
+    folder = _fresh(tmp_path)
+    with h5py.File(folder / "fs.h5", "r+") as h5:
+        s1 = h5["sentinel1"][...]
+        s1[1, 0, 2, 3], s1[1, 1, 4, 4] = np.nan, np.inf
+        h5["sentinel1"][...] = s1
+        wc = h5["esa_worldcover"][...]
+        wc[:, 0, 0, :4] = [0, 255, 10, 100]
+        h5["esa_worldcover"][...] = wc
+        dw = h5["dynamic_world"][...]
+        dw[:, 0, 0, :3] = [0, 1, 9]
+        h5["dynamic_world"][...] = dw
+        s2 = h5["sentinel2"][...]
+        s2[:, 3, 5, 5] = 0  # B04 missing at (5, 5): s2_rgb invalid there, s2_nir still valid
+        h5["sentinel2"][...] = s2
+    ds = MMEarthDataset(folder, ["s2_rgb", "s2_nir", "s1", "s1_desc", "worldcover", "dynamic_world"], indices=[0, 1])
+    b0, b1 = ds[0], ds[1]
+    assert b0["inputs"]["worldcover"][0, :4].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 0, 10]
+    assert b0["inputs"]["dynamic_world"][0, :3].tolist() == [IGNORE_INDEX, 0, 8]
+    assert not b0["valid"]["s2_rgb"][5, 5] and (b0["inputs"]["s2_rgb"][:, 5, 5] == 0).all()
+    assert b0["valid"]["s2_nir"][5, 5]
+    assert not b1["valid"]["s1"][2, 3] and not b1["valid"]["s1"][4, 4]
+    assert not b0["valid"]["s1_desc"].any()  # the fixture drops the descending orbit on row 0
+    for s in (b0, b1):
+        for x in s["inputs"].values():
+            assert torch.isfinite(x.float()).all()
+
+
+def test_all_nodata_tile(tmp_path):
+    folder = _fresh(tmp_path)
+    with h5py.File(folder / "fs.h5", "r+") as h5:
+        h5["sentinel2"][2] = 0
+        h5["aster"][2] = -32768
+        h5["esa_worldcover"][2] = 255
+        h5["sentinel1"][2] = -np.inf
+    for norm in ("per_tile", "band_stats"):
+        s = MMEarthDataset(folder, DEFAULT + ["s1"], indices=[2], input_size=12, augment=True,
+                           elevation_norm=norm)[0]
+        for name, x in s["inputs"].items():
+            assert not s["valid"][name].any(), name
+            assert torch.isfinite(x.float()).all()
+            assert (x == (IGNORE_INDEX if x.dtype == torch.int64 else 0)).all()
+
+
+def test_same_crop_and_flip_on_all_domains(mmearth_fileset):
+    ds = MMEarthDataset(mmearth_fileset, ["s2_rgb", "worldcover"], input_size=40, augment=True, hflip=0.5)
+    with h5py.File(mmearth_fileset / "mmearth_tiny.h5") as h5:
+        flips = set()
+        for pos, row in enumerate(ds.rows):
+            full, _ = _expected_s2(mmearth_fileset, row, ["B04", "B03", "B02"])
+            out = ds[pos]
+            got = out["inputs"]["s2_rgb"].numpy()
+            # Find the window (y0, x0, flip) of the S2 output by brute force ...
+            hits = [(y, x, f) for y in range(25) for x in range(25) for f in (False, True)
+                    if np.allclose((full[:, y:y + 40, x:x + 40][..., ::-1] if f else full[:, y:y + 40, x:x + 40]),
+                                   got, atol=1e-4)]
+            assert len(hits) == 1
+            y, x, f = hits[0]
+            flips.add(f)
+            # ... and check the land-cover map was cut with the same window.
+            wc = h5["esa_worldcover"][row, 0, y:y + 40, x:x + 40]
+            wc = wc[:, ::-1] if f else wc
+            codes = {c: i for i, c in enumerate(get_domain("worldcover")._modality.class_values)}
+            exp = np.vectorize(lambda c: codes.get(int(c), IGNORE_INDEX))(wc)
+            np.testing.assert_array_equal(out["inputs"]["worldcover"].numpy(), exp)
+    assert flips == {False, True}
+
+
+def test_deterministic_per_seed_epoch_index(mmearth_fileset):
+    kw = dict(input_size=48, augment=True)
+    a = MMEarthDataset(mmearth_fileset, ["s2_rgb"], seed=3, **kw)
+    b = MMEarthDataset(mmearth_fileset, ["s2_rgb"], seed=3, **kw)
+    order = list(range(len(a)))[::-1]
+    one = [a[i]["inputs"]["s2_rgb"] for i in range(len(a))]
+    batched = b.__getitems__(order)  # other order, other batch composition
+    for i, s in zip(order, batched):
+        assert torch.equal(one[i], s["inputs"]["s2_rgb"])
+    a.set_epoch(1)
+    assert a.epoch == 1
+    assert any(not torch.equal(one[i], a[i]["inputs"]["s2_rgb"]) for i in range(len(a)))
+    c = MMEarthDataset(mmearth_fileset, ["s2_rgb"], seed=4, **kw)
+    assert any(not torch.equal(one[i], c[i]["inputs"]["s2_rgb"]) for i in range(len(a)))
+    centre = MMEarthDataset(mmearth_fileset, ["s2_rgb"], input_size=48)  # evaluation: centre crop, no flip
+    exp, _ = _expected_s2(mmearth_fileset, centre.rows[0], ["B04", "B03", "B02"])
+    np.testing.assert_allclose(centre[0]["inputs"]["s2_rgb"].numpy(), exp[:, 8:56, 8:56], atol=1e-4)
+
+
+def test_distributed_sampler_with_workers(mmearth_fileset):
+    ds = MMEarthDataset(mmearth_fileset, DEFAULT, input_size=56, augment=True)
+    ds.set_epoch(2)
+    expected = {ds.rows[i]: ds[i] for i in range(len(ds))}
+    ds[0]  # the parent holds an open handle now; workers must reopen their own
+    seen = []
+    for rank in range(2):
+        sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        sampler.set_epoch(2)
+        loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=2, persistent_workers=False)
+        for batch in loader:
+            for j, row in enumerate(batch["index"].tolist()):
+                seen.append(row)
+                for name in expected[row]["inputs"]:
+                    assert torch.equal(batch["inputs"][name][j], expected[row]["inputs"][name])
+                    assert torch.equal(batch["valid"][name][j], expected[row]["valid"][name])
+    assert sorted(set(seen)) == sorted(ds.rows.tolist())
+    pickle.loads(pickle.dumps(ds))[0]  # picklable (spawn) after use
+
+
+def test_per_tile_elevation_and_resize(mmearth_fileset):
+    ds = MMEarthDataset(mmearth_fileset, ["elevation", "worldcover", "s2_rgb"], input_size=56, resize=True)
+    s = ds[0]
+    assert s["inputs"]["elevation"].shape == (1, 56, 56) and s["inputs"]["worldcover"].shape == (56, 56)
+    with h5py.File(mmearth_fileset / "mmearth_tiny.h5") as h5:
+        wc_codes = set(np.unique(h5["esa_worldcover"][ds.rows[0]]).tolist())
+    codes = get_domain("worldcover")._modality.class_values
+    got = {codes[c] for c in s["inputs"]["worldcover"].unique().tolist() if c >= 0}
+    assert got <= wc_codes  # nearest neighbour: no invented classes
+    x = np.arange(100, dtype=np.float32).reshape(1, 1, 10, 10)
+    valid = np.ones((1, 10, 10), bool)
+    kept = np.arange(10, 90, dtype=np.float64)
+    exp = (x - kept.mean()) / np.sqrt(kept.var(ddof=1) + 1e-6)
+    np.testing.assert_allclose(standardize_per_tile(x, valid), exp, rtol=1e-5)
+    valid[0, 0] = False  # invalid pixels do not enter the statistics
+    kept = np.sort(x.ravel()[10:])[9:81].astype(np.float64)
+    np.testing.assert_allclose(standardize_per_tile(x, valid), (x - kept.mean()) / np.sqrt(kept.var(ddof=1) + 1e-6),
+                               rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _rewrite(folder: Path, key: str, data: np.ndarray) -> None:
+    with h5py.File(folder / f"{folder.name}.h5", "r+") as h5:
+        del h5[key]
+        h5.create_dataset(key, data=data, chunks=(1, *data.shape[1:]), compression="gzip")
+
+
+def test_bad_paths_and_side_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        MMEarthDataset(tmp_path / "nope", ["s2_rgb"])
+    folder = _fresh(tmp_path)
+    (folder / "fs_splits.json").unlink()
+    with pytest.raises(FileNotFoundError, match="fs_splits.json is missing"):
+        MMEarthDataset(folder / "fs.h5", ["s2_rgb"])
+    folder = _fresh(tmp_path, "fs2")
+    with pytest.raises(KeyError, match=r"fs2_splits.json: unknown split 'training'; valid splits: train, val, test"):
+        MMEarthDataset(folder, ["s2_rgb"], "training")
+    (folder / "fs2_splits.json").write_text(json.dumps({"train": [0, 99]}))
+    with pytest.raises(ValueError, match=r"fs2_splits.json: split 'train' holds row 99"):
+        MMEarthDataset(folder, ["s2_rgb"])
+    with pytest.raises(KeyError, match=r"unknown domain 'depth'; valid domains: .*elevation"):
+        MMEarthDataset(folder, ["depth"])
+    with pytest.raises(ValueError, match=r"input_size 32 must be in \[1, tile size 16\]"):
+        MMEarthDataset(_fresh(tmp_path, "fs3"), ["s2_rgb"], input_size=32)
+
+
+def test_bad_band_stats(tmp_path):
+    folder = _fresh(tmp_path)
+    path = folder / "fs_band_stats.json"
+    good = json.loads(path.read_text())
+    bad = dict(good)
+    del bad["sentinel2_l1c"]
+    path.write_text(json.dumps(bad))
+    with pytest.raises(KeyError, match=r"fs_band_stats.json: band stats for 'sentinel2_l1c' missing"):
+        MMEarthDataset(folder, ["s2_rgb"])
+    bad = dict(good)
+    del bad["aster"]
+    path.write_text(json.dumps(bad))
+    MMEarthDataset(folder, ["elevation", "worldcover"])  # per-tile elevation needs no stats
+    with pytest.raises(KeyError, match=r"band stats for 'aster' missing; keys present: .*sentinel1"):
+        MMEarthDataset(folder, ["elevation"], elevation_norm="band_stats")
+    bad = json.loads(json.dumps(good))
+    bad["sentinel1"]["std"] = bad["sentinel1"]["std"][:4]
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"sentinel1.std has 4 values, modality 'sentinel1' has 8 bands"):
+        MMEarthDataset(folder, ["s1"])
+    bad = json.loads(json.dumps(good))
+    bad["sentinel2_l2a"]["std"][3] = 0.0
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"sentinel2_l2a band B04 has mean .* std 0.0"):
+        MMEarthDataset(folder, ["s2_rgb"])
+    MMEarthDataset(folder, ["s2_nir"])  # B04 unused: its std does not matter
+
+
+def test_bad_hdf5_datasets(tmp_path):
+    folder = _fresh(tmp_path)
+    with h5py.File(folder / "fs.h5", "r+") as h5:
+        del h5["aster"]
+    with pytest.raises(KeyError, match=r"fs.h5: dataset 'aster' missing; datasets present: .*sentinel2"):
+        MMEarthDataset(folder, ["s2_rgb", "elevation"])
+    MMEarthDataset(folder, ["s2_rgb", "worldcover"])  # only the datasets needed are required
+    with h5py.File(folder / "fs.h5") as h5:
+        s2 = h5["sentinel2"][...]
+    _rewrite(folder, "sentinel2", s2.astype(np.float32))
+    with pytest.raises(ValueError, match=r"fs.h5: dataset 'sentinel2' has dtype float32, MMEarth stores uint16"):
+        MMEarthDataset(folder, ["s2_rgb"])
+    _rewrite(folder, "sentinel2", s2[:, :12])
+    with pytest.raises(ValueError, match=r"dataset 'sentinel2' has shape \(6, 12, 16, 16\), expected \(N, 13, S, S\)"):
+        MMEarthDataset(folder, ["s2_rgb"])
+    _rewrite(folder, "sentinel2", s2)
+    meta = np.array([(b"t", b"L1C"), (b"t", b"l3x")] * 3, dtype=[("meta_id", "S100"), ("S2_type", "S10")])
+    _rewrite(folder, "metadata", meta)  # other field names are fine (read by position), case too
+    with pytest.raises(ValueError, match=r"metadata row 1 has S2_type 'l3x'; expected one of"):
+        MMEarthDataset(folder, ["s2_rgb"], indices=[0, 1])
+    MMEarthDataset(folder, ["s2_rgb"], indices=[0, 2])
+
+
+def test_fileset_from_h5_path_and_folder(tmp_path, mmearth_fileset):
+    folder = shutil.copytree(mmearth_fileset, tmp_path / "other_name")
+    ds = MMEarthDataset(folder / "mmearth_tiny.h5", ["s2_rgb"], "val")
+    assert len(ds) == len(MMEarthDataset(folder, ["s2_rgb"], "val")) > 0  # single .h5 in a folder
