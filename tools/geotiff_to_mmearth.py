@@ -215,7 +215,9 @@ def _plan(spec: ConversionSpec, src: Path, scenes: list[str], size: int) -> list
 
 def _centres(scene: Scene, row0: int, size: int, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
     cols = np.arange(n_cols) * size + size / 2
-    xs, ys = scene.transform * (cols, np.full(n_cols, row0 + size / 2))
+    rows = np.full(n_cols, row0 + size / 2)
+    t = scene.transform
+    xs, ys = t.a * cols + t.b * rows + t.c, t.d * cols + t.e * rows + t.f
     lons, lats = rasterio.warp.transform(scene.crs, "EPSG:4326", list(xs), list(ys))
     return np.asarray(lats), np.asarray(lons)
 
