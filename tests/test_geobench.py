@@ -1,0 +1,124 @@
+"""GEO-Bench v1.0 reader on format-faithful fixtures (tests/geobench_fixture.py)."""
+
+import json
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from tests.geobench_fixture import BAND_VALUE, write_geobench_task, write_malicious_sample
+from utils.data.geobench import GeoBenchDataset, StandIn, decode_sample_pickle, s2_band_names
+
+
+@pytest.fixture(scope="module")
+def gb_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("geobench")
+    for task in ("m-eurosat", "m-bigearthnet", "m-cashew-plant"):
+        write_geobench_task(root, task)
+    return root
+
+
+def _raw_value(ds, sample, domain, channel):
+    """Undo the z-score of one channel's mean."""
+    names, mean, std = ds._plan[domain]
+    x = sample["inputs"][domain][channel]
+    return float(x.mean() * std[channel, 0, 0] + mean[channel, 0, 0])
+
+
+def test_pickle_attribute_decodes_to_standins(gb_root):
+    path = gb_root / "classification_v1.0" / "m-eurosat" / "s000.hdf5"
+    with h5py.File(path) as h5:
+        info = decode_sample_pickle(h5.attrs["pickle"], str(path))
+    entry = info["04 - Red"]
+    assert isinstance(entry["band_info"], StandIn) and type(entry["band_info"]).__name__ == "Sentinel2"
+    assert entry["band_info"].get("name") == "04 - Red"
+    assert entry["transform"].qualname == "Affine" and entry["transform"].args[0] == 10.0
+    assert "EPSG" in str(entry["crs"].state)
+    assert info["label"] == 0 and len(info["bands_order"]) == 13
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    folder = write_geobench_task(tmp_path, "m-eurosat")
+    path = write_malicious_sample(folder, "s000")
+    with h5py.File(path) as h5:
+        text = h5.attrs["pickle"]
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to unpickle global (posix|os|nt)\.system"):
+        decode_sample_pickle(text, str(path))
+    with pytest.raises(pickle.UnpicklingError, match="s000.hdf5"):
+        GeoBenchDataset(tmp_path, "m-eurosat", "train", ["s2_rgb"])[0]
+
+
+def test_eurosat_band_shift_is_corrected(gb_root):
+    ds = GeoBenchDataset(gb_root, "m-eurosat", "train", ["s2_rgb", "s2_nir", "s2_swir"])
+    # s2_nir = (B8A, B08): B8A is stored under the positional name "12 - SWIR"
+    assert ds._plan["s2_nir"][0] == ["12 - SWIR", "08 - NIR"]
+    assert ds._plan["s2_swir"][0] == ["10 - SWIR - Cirrus", "11 - SWIR"]
+    s = ds[0]  # class 0: no offset
+    assert s["label"].dtype == torch.int64 and int(s["label"]) == 0
+    assert _raw_value(ds, s, "s2_nir", 0) == pytest.approx(BAND_VALUE["B8A"], abs=10)
+    assert _raw_value(ds, s, "s2_swir", 1) == pytest.approx(BAND_VALUE["B12"], abs=10)
+    assert _raw_value(ds, s, "s2_rgb", 0) == pytest.approx(BAND_VALUE["B04"], abs=10)
+    assert s["inputs"]["s2_rgb"].shape == (3, 16, 16) and s["valid"]["s2_rgb"].all()
+
+
+def test_band_names_without_shift_and_s1_skipped():
+    names = ["04 - Red", "08A - Vegetation Red Edge", "01 - VH.Real", "13 - CLOUD_PROBABILITY", "Blue", "label"]
+    out = s2_band_names(names)
+    assert out == {"B04": "04 - Red", "B8A": "08A - Vegetation Red Edge", "B02": "Blue"}
+
+
+def test_multilabel_and_partition(gb_root):
+    ds = GeoBenchDataset(gb_root, "m-bigearthnet", "val", ["s2_rgb"])
+    assert len(ds) == 2 and ds.task == "multilabel"
+    s = ds[0]
+    assert s["label"].shape == (43,) and s["label"].dtype == torch.float32
+    assert set(s["label"].unique().tolist()) <= {0.0, 1.0}
+    half = GeoBenchDataset(gb_root, "m-bigearthnet", "train", ["s2_rgb"], partition="0.50x_train")
+    assert len(half) == 3
+
+
+def test_segmentation_dated_bands_and_crop(gb_root):
+    ds = GeoBenchDataset(gb_root, "m-cashew-plant", "train", ["s2_rgb", "s2_rededge"], input_size=8, augment=True)
+    s = ds[1]
+    assert s["inputs"]["s2_rgb"].shape == (3, 8, 8) and s["label"].shape == (8, 8)
+    assert s["label"].dtype == torch.int64 and 0 <= int(s["label"].min()) and int(s["label"].max()) < 7
+    # the class offset (150 per class id) is planted in every band: labels and pixels stay aligned after crop/flip
+    _, mean, std = ds._plan["s2_rgb"]
+    raw_red = s["inputs"]["s2_rgb"][0] * float(std[0, 0, 0]) + float(mean[0, 0, 0])
+    est = torch.round((raw_red - BAND_VALUE["B04"]) / 150).long()
+    assert (est == s["label"]).float().mean() > 0.95
+    big = GeoBenchDataset(gb_root, "m-cashew-plant", "test", ["s2_rgb"], input_size=32, resize=True)
+    assert big[0]["inputs"]["s2_rgb"].shape == (3, 32, 32) and big[0]["label"].shape == (32, 32)
+
+
+def test_bad_inputs(gb_root, tmp_path):
+    with pytest.raises(ValueError, match="no input domain 's1'"):
+        GeoBenchDataset(gb_root, "m-eurosat", "train", ["s1"])
+    with pytest.raises(KeyError, match="unknown GEO-Bench task"):
+        GeoBenchDataset(gb_root, "m-nope", "train", ["s2_rgb"])
+    folder = write_geobench_task(tmp_path, "m-eurosat")
+    (folder / "default_partition.json").unlink()
+    with pytest.raises(FileNotFoundError, match="default_partition.json"):
+        GeoBenchDataset(tmp_path, "m-eurosat", "train", ["s2_rgb"])
+    # a task whose samples lack band 05: s2_rededge asks for B05
+    folder = write_geobench_task(tmp_path / "b", "m-bigearthnet")
+    for p in folder.glob("*.hdf5"):
+        with h5py.File(p, "a") as h5:
+            del h5["05 - Vegetation Red Edge"]
+    with pytest.raises(ValueError, match="band B05 .* absent from GEO-Bench task m-bigearthnet"):
+        GeoBenchDataset(tmp_path / "b", "m-bigearthnet", "train", ["s2_rededge"])
+    # a label outside the class list
+    folder = write_geobench_task(tmp_path / "c", "m-cashew-plant")
+    with h5py.File(folder / "s000.hdf5", "a") as h5:
+        h5["label"][0, 0] = 9
+    ds = GeoBenchDataset(tmp_path / "c", "m-cashew-plant", "train", ["s2_rgb"])
+    with pytest.raises(ValueError, match=r"s000.hdf5: label ids .* outside the 7 classes"):
+        ds[0]
+    stats = json.loads((folder / "band_stats.json").read_text())
+    del stats["04 - Red"]
+    (folder / "band_stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match="band_stats.json: no mean/std for band '04 - Red'"):
+        GeoBenchDataset(tmp_path / "c", "m-cashew-plant", "train", ["s2_rgb"])
+    assert np.isfinite(stats["03 - Green"]["mean"])
