@@ -161,10 +161,9 @@ def _sincos(angle: np.ndarray) -> np.ndarray:
     return np.stack([np.sin(angle), np.cos(angle)], 1).astype(np.float32)
 
 
-def _tile_block(spec, scene, strip, variant, row0, size, n_cols, lats, lons):
-    """Every modality for the ``n_cols`` tiles of one strip and one S2 source: dict of (n, C, ...) arrays,
-    and the tile-info fields that depend on the pixels."""
-    s2 = variant
+def _tile_block(spec, scene, strip, s2, size, n_cols, lats, lons):
+    """Every modality for the ``n_cols`` tiles of one strip and S2 source ``s2`` (or None): dict of
+    (n, C, ...) arrays, each tile's valid fraction per provided modality, and shared tile-info fields."""
     provided = _provided(spec, s2)
     data, valid_frac = {}, []
     for mod in MODALITIES.values():
@@ -236,7 +235,7 @@ def _convert_scene(spec, src, writer, name, n_rows, n_cols, size, start, groups,
                 part = _read_strip(scene, s, row0, size, n_cols * size, float(lats.mean()), counts)
                 strip[key] = part if key not in strip else np.where(np.isnan(part), strip[key], part)
             for variant in variants:
-                data, fracs, common = _tile_block(spec, scene, strip, variant, row0, size, n_cols, lats, lons)
+                data, fracs, common = _tile_block(spec, scene, strip, variant, size, n_cols, lats, lons)
                 s2_type = variant.s2_type if variant else "l1c"
                 ids = [f"{name}_{s2_type}_r{i}_c{j}" for j in range(n_cols)]
                 infos = []
