@@ -45,9 +45,9 @@ def test_wrong_type_names_key_and_file(tmp_path):
 
 
 def test_union_keys_accept_their_types():
-    cfg = load_config(None, ["masking.alphas=[1.0, 0.5]", "model.preset={dim: 32, depth: 2, num_heads: 2}"])
+    cfg = load_config(None, ["masking.alphas=[1.0, 0.5]", "model.preset={dim: 32, depth: 2, heads: 2}"])
     assert cfg["masking"]["alphas"] == [1.0, 0.5]
-    assert cfg["model"]["preset"] == {"dim": 32, "depth": 2, "num_heads": 2}
+    assert cfg["model"]["preset"] == {"dim": 32, "depth": 2, "heads": 2}
 
 
 def test_effective_lr_is_derived_not_stored():

@@ -41,7 +41,7 @@ DEFAULTS_PATH = Path(__file__).resolve().parents[1] / "cfgs" / "defaults.yaml"
 #: Keys whose value may take any of several types (dotted key -> accepted types).
 UNION_KEYS: dict[str, tuple[type, ...]] = {
     "masking.alphas": (float, int, list),  # one Dirichlet concentration, or one per in_domain
-    "model.preset": (str, dict),  # a preset name, or a dict of encoder sizes (dim, depth, num_heads)
+    "model.preset": (str, dict),  # a preset name, or a dict of encoder sizes {dim, depth, heads}
 }
 
 #: Keys that may change between a run and its resumption without making it "another run": they

@@ -1,0 +1,155 @@
+"""Reconstruction pictures: for each sample, one row per domain with input, mask, prediction, target.
+
+Rendering per domain kind (matplotlib, Agg backend, no display needed):
+
+- Sentinel-2 and other multi-band continuous domains: the first three bands as RGB (one band is
+  replicated to grey), each stretched between its 2nd and 98th percentile over the target; the
+  prediction uses the target's stretch so colours are comparable.
+- Elevation (``aster``): the ``terrain`` colour map, same limits for prediction and target.
+- Land-cover class maps: the registry's ``class_colors`` palette, with a legend of the classes
+  present; predictions are the arg-max class.
+- The input column greys out masked tokens (hidden from the encoder); the mask column is white
+  where masked, black where visible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from multimae.criterion import norm_pix_target  # noqa: E402
+from multimae.domains import IGNORE_INDEX, get_domain, get_modality  # noqa: E402
+
+__all__ = ["save_reconstructions"]
+
+_GREY = np.array([0.55, 0.55, 0.55])
+
+
+def _token_mask_image(mask: torch.Tensor, size: int) -> np.ndarray:
+    """(N,) token mask (1 = masked) of a square grid -> (size, size) bool, True = masked."""
+    side = int(round(mask.numel() ** 0.5))
+    grid = mask.float().view(1, 1, side, side)
+    return F.interpolate(grid, size=(size, size), mode="nearest")[0, 0].numpy() > 0.5
+
+
+def _stretch_limits(x: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band 2 % and 98 % percentiles of (C, H, W) ``x`` over valid pixels."""
+    pix = x.reshape(x.shape[0], -1)[:, valid.reshape(-1)] if valid.any() else x.reshape(x.shape[0], -1)
+    lo, hi = np.percentile(pix, 2, axis=1), np.percentile(pix, 98, axis=1)
+    return lo[:, None, None], np.maximum(hi, lo + 1e-6)[:, None, None]
+
+
+def _to_rgb(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> (H, W, 3) in [0, 1] from the first three bands (one band replicated)."""
+    x = np.clip((x - lo) / (hi - lo), 0, 1)
+    x = x[:3] if x.shape[0] >= 3 else np.repeat(x[:1], 3, axis=0)
+    return x.transpose(1, 2, 0)
+
+
+def _class_rgb(labels: np.ndarray, colors: tuple[str, ...]) -> np.ndarray:
+    """(H, W) class ids (IGNORE_INDEX = black) -> (H, W, 3)."""
+    palette = np.array([to_rgb(c) for c in colors] + [(0.0, 0.0, 0.0)])
+    return palette[np.where(labels == IGNORE_INDEX, len(colors), labels)]
+
+
+def _grey_out(rgb: np.ndarray, masked: np.ndarray) -> np.ndarray:
+    out = rgb.copy()
+    out[masked] = 0.35 * out[masked] + 0.65 * _GREY
+    return out
+
+
+def _domain_panels(name: str, inp: torch.Tensor, pred: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,
+                   patch_size: int) -> tuple[list[np.ndarray], dict[str, str] | None]:
+    """Input (masked greyed), mask, prediction, target as (H, W, 3) images for one sample of one domain.
+
+    Returns the four images and, for class maps, {class name: colour} of the classes shown.
+    """
+    dom = get_domain(name)
+    size = inp.shape[-1]
+    masked = _token_mask_image(mask, size)
+    mask_img = np.repeat(masked[..., None].astype(float), 3, axis=2)
+    if dom.kind == "categorical":
+        mod = get_modality(dom.modality)
+        target = torch.where(valid, inp, IGNORE_INDEX).numpy()
+        pred_cls = F.interpolate(pred[None].float(), size=(size, size), mode="nearest")[0].argmax(0).numpy()
+        tgt_rgb, pred_rgb = _class_rgb(target, mod.class_colors), _class_rgb(pred_cls, mod.class_colors)
+        present = sorted(set(np.unique(target[target >= 0]).tolist()) | set(np.unique(pred_cls).tolist()))
+        legend = {mod.class_names[i]: mod.class_colors[i] for i in present}
+        return [_grey_out(tgt_rgb, masked), mask_img, pred_rgb, tgt_rgb], legend
+    target = inp.float()
+    if dom.norm_pix:
+        target = norm_pix_target(target[None], valid[None], patch_size)[0]
+    target, pred, ok = target.numpy(), pred.float().numpy(), valid.numpy()
+    lo, hi = _stretch_limits(target, ok)
+    if dom.modality == "aster":
+        cmap = plt.get_cmap("terrain")
+        lo1, hi1 = float(lo[0, 0, 0]), float(hi[0, 0, 0])
+        tgt = cmap(np.clip((target[0] - lo1) / (hi1 - lo1), 0, 1))[..., :3]
+        prd = cmap(np.clip((pred[0] - lo1) / (hi1 - lo1), 0, 1))[..., :3]
+    else:
+        tgt, prd = _to_rgb(target, lo, hi), _to_rgb(pred, lo, hi)
+    tgt = np.where(ok[..., None], tgt, 0.0)
+    return [_grey_out(tgt, masked), mask_img, prd, tgt], None
+
+
+@torch.no_grad()
+def save_reconstructions(folder: str | Path, tag: str, inputs: dict[str, torch.Tensor],
+                         valid: dict[str, torch.Tensor], preds: dict[str, torch.Tensor],
+                         masks: dict[str, torch.Tensor], *, patch_size: int, num_samples: int = 4) -> list[Path]:
+    """Write one PNG per sample: a row per output domain with input, mask, prediction and target.
+
+    Args:
+        folder: Destination (``<output_dir>/reconstructions``), created if needed.
+        tag: File-name suffix, e.g. ``step000120``; files are ``sample<i>_<tag>.png``.
+        inputs: Batch inputs {domain: float (B, C, H, W) z-scored or int64 (B, H, W) class ids}.
+        valid: {domain: bool (B, H, W)}.
+        preds: Model output {domain: (B, C, H, W) or logits (B, K, H / ds, W / ds)}.
+        masks: {domain: (B, N) float, 1 = masked}.
+        patch_size: Patch side P in px (for the per-patch normalised targets).
+        num_samples: Samples drawn (at most B).
+
+    Returns:
+        Paths of the written PNG files.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    domains = list(preds)
+    cpu = {k: {d: t.detach().cpu() for d, t in v.items()} for k, v in
+           (("inputs", inputs), ("valid", valid), ("preds", preds), ("masks", masks))}
+    b = next(iter(cpu["preds"].values())).shape[0]
+    paths = []
+    for i in range(min(num_samples, b)):
+        fig, axes = plt.subplots(len(domains), 4, figsize=(9.5, 2.3 * len(domains)), squeeze=False)
+        for row, name in enumerate(domains):
+            src = get_domain(name).source or name
+            panels, legend = _domain_panels(
+                name, cpu["inputs"][src][i], cpu["preds"][name][i], cpu["valid"][src][i], cpu["masks"][name][i],
+                patch_size,
+            )
+            for col, (ax, img) in enumerate(zip(axes[row], panels)):
+                ax.imshow(img, interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(("input (masked grey)", "mask (white = masked)", "prediction", "target")[col],
+                                 fontsize=9)
+            axes[row, 0].set_ylabel(name, fontsize=9)
+            if legend:
+                handles = [Patch(color=c, label=n) for n, c in legend.items()]
+                axes[row, 3].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7,
+                                    frameon=False)
+        fig.suptitle(f"{tag}, sample {i}", fontsize=10)
+        fig.tight_layout()
+        path = folder / f"sample{i}_{tag}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
