@@ -54,7 +54,7 @@ class MultiMAE(nn.Module):
     Args:
         in_domains: Input domains (registry names), in token order.
         out_domains: Output domains: input domains, decode-only domains and output-only domains
-            with a ``source`` (``s2_rgb_normpix``).
+            with a ``source`` (``s2_rgb_normpix``); empty for an encoder-only backbone (fine-tuning).
         input_size: Image side in pixels (all domains share it).
         patch_size: Patch side P in pixels.
         dim: Encoder width D.
@@ -168,7 +168,7 @@ class MultiMAE(nn.Module):
     @staticmethod
     def _check_domains(in_domains: Sequence[str], out_domains: Sequence[str]) -> None:
         for key, names in (("in_domains", in_domains), ("out_domains", out_domains)):
-            if not names:
+            if not names and key == "in_domains":  # no out_domains: an encoder-only backbone (fine-tuning)
                 raise ValueError(f"{key} is empty")
             if len(set(names)) != len(names):
                 raise ValueError(f"{key} lists a domain twice: {list(names)}")
