@@ -85,18 +85,18 @@ def standardize_per_tile(x: np.ndarray, valid: np.ndarray, low: float = 0.1, hig
     std = np.ones((b, c), np.float64)
     full = vflat.all(1)
 
-    def trimmed(v: np.ndarray):  # v: (..., n) sorted
+    def trimmed(v: np.ndarray):  # v: (..., n) values; the central order statistics via a partial sort
         n = v.shape[-1]
         lo, hi = int(low * n), int(high * n)
-        kept = v[..., lo:hi] if hi - lo >= 2 else v
+        kept = np.partition(v, [lo, hi - 1], axis=-1)[..., lo:hi] if hi - lo >= 2 else v
         var = kept.var(-1, ddof=1, dtype=np.float64) if kept.shape[-1] > 1 else np.zeros(kept.shape[:-1])
         return kept.mean(-1, dtype=np.float64), np.sqrt(var + 1e-6)
 
     if full.any():
-        mean[full], std[full] = trimmed(np.sort(flat[full], axis=-1))
+        mean[full], std[full] = trimmed(flat[full])
     for i in np.flatnonzero(~full):
         if vflat[i].any():
-            mean[i], std[i] = trimmed(np.sort(flat[i][:, vflat[i]], axis=-1))
+            mean[i], std[i] = trimmed(flat[i][:, vflat[i]])
     out = (x - mean[:, :, None, None].astype(np.float32)) / std[:, :, None, None].astype(np.float32)
     return out.astype(np.float32, copy=False)
 
@@ -376,15 +376,16 @@ class MMEarthDataset(Dataset):
         valid = ~invalid.any(1)
         if mod.kind == "flags":
             return np.where(valid, sub[:, 0], 0).astype(np.int64), valid
-        x = sub.astype(np.float32)
         if plan.per_tile:
+            x = sub.astype(np.float32)
             x = standardize_per_tile(x, valid) if x.ndim == 4 else x
         else:
-            bshape = (-1, x.shape[1]) + (1,) * (x.ndim - 2)
+            bshape = (-1, sub.shape[1]) + (1,) * (sub.ndim - 2)
             p = products if plan.scale.shape[0] > 1 else np.zeros_like(products)
-            x *= plan.scale[p].reshape(bshape)
+            x = np.multiply(sub, plan.scale[p].reshape(bshape), dtype=np.float32)  # one pass, float32
             x += plan.offset[p].reshape(bshape)
-        valid &= np.isfinite(x).all(1)
+        if sub.dtype.kind == "f":  # integer sources with validated stats cannot overflow float32
+            valid &= np.isfinite(x).all(1)
         np.copyto(x, 0.0, where=~valid[:, None])
         return x, valid
 
