@@ -22,6 +22,7 @@ from torch import nn
 
 from multimae.domains import get_domain
 from multimae.heads import ConvNeXtSegHead, LinearHead, LinearSegHead
+from utils.checkpoint import load_checkpoint, load_state_checked
 
 __all__ = [
     "PRETRAINING_KIND",
@@ -52,12 +53,13 @@ def read_pretraining_checkpoint(path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: ``path`` does not exist (config key ``finetune.checkpoint``).
+        CheckpointError: the file cannot be read with ``weights_only=True``.
         ValueError: the file is not a dict with ``kind == "multimae_pretraining"``, ``model`` and ``config``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"finetune.checkpoint: no file {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != PRETRAINING_KIND:
         kind = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(
@@ -75,7 +77,8 @@ def finetune_config(cfg: dict, ckpt: dict | None, in_domains: list[str]) -> dict
 
     The encoder geometry (``model`` section: preset, patch size, global tokens...) must match the
     checkpoint's, so it is taken from the checkpoint's stored config; ``model.drop_path`` stays the
-    fine-tuning run's. ``in_domains`` replaces the config's, and there are no output domains.
+    fine-tuning run's. ``in_domains`` replaces the config's, there are no output domains, and the masking
+    budget covers every token.
     """
     out = copy.deepcopy(cfg)
     if ckpt is not None:
@@ -84,6 +87,9 @@ def finetune_config(cfg: dict, ckpt: dict | None, in_domains: list[str]) -> dict
         out["model"]["drop_path"] = drop_path
     out["in_domains"] = list(in_domains)
     out["out_domains"] = []
+    # No masking when fine-tuning: every token is encoded (the masking keys only have to be valid).
+    n_d = (out["data"]["input_size"] // out["model"]["patch_size"]) ** 2
+    out["masking"] = {**out["masking"], "num_encoded_tokens": n_d * len(in_domains), "alphas": 1.0}
     return out
 
 
@@ -128,8 +134,8 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], in_domains: 
         source: Name of the checkpoint, for messages.
 
     Raises:
-        ValueError: shapes differ (another encoder geometry), or keys other than new domains' adapters are
-            missing (not a MultiMAE pretraining checkpoint), or kept keys are unexpected.
+        CheckpointError: shapes differ (another encoder geometry), keys other than the new domains' adapters
+            are missing (not a MultiMAE pretraining checkpoint), or kept keys are unexpected.
     """
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     have = {_domain_of(k) for k in state} - {None}
@@ -137,23 +143,13 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], in_domains: 
     keep = {k: v for k, v in state.items()
             if not k.startswith("output_adapters.") and _domain_of(k) in (None, *in_domains)}
     dropped = sorted(set(state) - set(keep))
-    own = model.state_dict()
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-             for k, v in keep.items() if k in own and own[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"{source}: parameter shapes differ from the fine-tuning model: {'; '.join(wrong[:5])}")
-    result = model.load_state_dict(keep, strict=False)
-    expected_missing = {k for k in own if _domain_of(k) in new_domains}
-    missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
-    if missing != expected_missing:
-        extra = sorted(missing - expected_missing)
-        raise ValueError(
-            f"{source} is not a usable MultiMAE pretraining checkpoint: missing keys {extra[:8]}"
-            f"{' ...' if len(extra) > 8 else ''} (only adapters of new domains {new_domains} may be missing)"
-        )
-    if unexpected:
-        raise ValueError(f"{source}: unexpected keys {sorted(unexpected)[:8]} (the model does not have them)")
-    return LoadReport(sorted(set(in_domains) - set(new_domains)), new_domains, sorted(missing), dropped)
+    # strict=False + exact key assertion: only the new domains' adapters may be missing, nothing kept may be
+    # unexpected, no shape may differ (utils.checkpoint.load_state_checked raises CheckpointError otherwise).
+    new_keys = tuple(f"input_adapters.{d}." for d in new_domains) + tuple(f"domain_embeds.{d}" for d in new_domains)
+    load_state_checked(model, keep, what=f"backbone from {source} (not a usable MultiMAE pretraining checkpoint?)",
+                       ignore_missing=new_keys)
+    missing = sorted(k for k in model.state_dict() if k not in keep)
+    return LoadReport(sorted(set(in_domains) - set(new_domains)), new_domains, missing, dropped)
 
 
 class FineTuneModel(nn.Module):
