@@ -228,6 +228,9 @@ def test_bad_paths_and_side_files(tmp_path):
     (folder / "fs2_splits.json").write_text(json.dumps({"train": [0, 99]}))
     with pytest.raises(ValueError, match=r"fs2_splits.json: split 'train' holds row 99"):
         MMEarthDataset(folder, ["s2_rgb"])
+    (folder / "fs2_splits.json").write_text("{\"train\": [0,")
+    with pytest.raises(ValueError, match=r"fs2_splits.json: not valid JSON"):
+        MMEarthDataset(folder, ["s2_rgb"])
     with pytest.raises(KeyError, match=r"unknown domain 'depth'; valid domains: .*elevation"):
         MMEarthDataset(folder, ["depth"])
     with pytest.raises(ValueError, match=r"input_size 32 must be in \[1, tile size 16\]"):
@@ -289,3 +292,47 @@ def test_fileset_from_h5_path_and_folder(tmp_path, mmearth_fileset):
     folder = shutil.copytree(mmearth_fileset, tmp_path / "other_name")
     ds = MMEarthDataset(folder / "mmearth_tiny.h5", ["s2_rgb"], "val")
     assert len(ds) == len(MMEarthDataset(folder, ["s2_rgb"], "val")) > 0  # single .h5 in a folder
+
+
+def test_real_terramesh_tiles(tmp_path, shared_data_dir):
+    """Real pixels: a converter-built file set (TerraMesh examples) read by the dataset, B8A/B08 checked
+    against the source GeoTIFF (S2L1C stores B08 before B8A) with rasterio, independently of the converter."""
+    rasterio = pytest.importorskip("rasterio")
+    src = shared_data_dir / "terramesh_examples"
+    if not src.is_dir():
+        pytest.skip(f"{src} absent")
+    from tools.geotiff_to_mmearth import convert
+
+    out = tmp_path / "terramesh64"
+    convert(Path(__file__).resolve().parents[1] / "cfgs/data/terramesh_examples.yaml", src, out, tile_size=64,
+            progress=False)
+    ds = MMEarthDataset(out, DEFAULT + ["s1", "dynamic_world"], "train", input_size=56, augment=True)
+    batch = next(iter(DataLoader(ds, batch_size=8, num_workers=0)))
+    assert batch["inputs"]["s2_rgb"].shape == (8, 3, 56, 56) and batch["inputs"]["worldcover"].dtype == torch.int64
+    for name, x in batch["inputs"].items():
+        assert torch.isfinite(x.float()).all(), name
+    assert batch["valid"]["s2_rgb"].float().mean() > 0.9  # real S2 tiles are mostly valid
+    assert not batch["valid"]["worldcover"].any()  # no WorldCover source: all no-data -> ignored
+    # Band order by name on real pixels: find an L1C tile and compare with the GeoTIFF.
+    full = MMEarthDataset(out, ["s2_nir"], indices=range(ds.num_rows))
+    with h5py.File(out / "terramesh64.h5") as h5:
+        meta = h5["metadata"][:]
+    row = next(i for i, m in enumerate(meta) if m[1] == b"l1c")
+    scene = bytes(meta[row][0]).decode()
+    tif = next(p for p in (src / "S2L1C").glob("*.tif") if scene.startswith(p.stem))
+    with rasterio.open(tif) as f:
+        b08, b8a = f.read(8).astype(np.float64), f.read(9).astype(np.float64)  # file order: ..., B08, B8A, ...
+    got = full[row]["inputs"]["s2_nir"].numpy()
+    st = _stats(out)["sentinel2_l1c"]
+    found = False
+    for y in range(0, b08.shape[0] - 63):
+        for x in range(0, b08.shape[1] - 63):
+            exp = (b8a[y:y + 64, x:x + 64] - st["mean"][7]) / st["std"][7]
+            if np.allclose(got[0], exp, atol=1e-3):
+                exp8 = (b08[y:y + 64, x:x + 64] - st["mean"][8]) / st["std"][8]
+                np.testing.assert_allclose(got[1], exp8, atol=1e-3)
+                found = True
+                break
+        if found:
+            break
+    assert found, f"s2_nir channel 0 of row {row} is not B8A of {tif.name}"
