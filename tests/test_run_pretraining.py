@@ -1,0 +1,115 @@
+"""End-to-end pretraining on the tiny MMEarth fixture (run_pretraining.py): smoke run, exact resume,
+refusals and bad input. Tiny model: dim 32, depth 2, 16 px input, 4 tokens per domain."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_pretraining
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.config import ConfigError, load_config
+from utils.logger import read_log
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "epochs=3", "batch_size=4", "num_workers=0", "log_every_steps=1", "save_every_steps=1000",
+    "in_domains=[s2_rgb, elevation, worldcover]", "out_domains=[s2_rgb, elevation, worldcover, s2_rgb_normpix]",
+    "data.input_size=16", "model.preset={dim: 32, depth: 2, heads: 2}", "model.decoder_dim=32",
+    "model.decoder_depth=1", "model.decoder_heads=2", "model.class_embed_dim=8", "masking.num_encoded_tokens=4",
+    "optim.blr=1e-2", "optim.warmup_epochs=0.5", "vis.every_epochs=0", "vis.num_samples=2",
+]
+
+
+def tiny_cfg(fileset, out, *extra):
+    return load_config(None, [f"data_path={fileset}", f"output_dir={out}", *TINY, *extra])
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in read_log(Path(out) / "log.jsonl") if "loss" in r}
+
+
+def test_two_step_smoke_run(mmearth_fileset, tmp_path):
+    out = tmp_path / "run"
+    last = run_pretraining.main(tiny_cfg(mmearth_fileset, out, "max_steps=2"))
+    assert last["step"] == 2 and torch.isfinite(torch.tensor(last["loss"]))
+    records = read_log(out / "log.jsonl")
+    assert records[0]["world_size"] == 1
+    assert {"step", "epoch", "loss", "loss_s2_rgb", "loss_elevation", "loss_worldcover", "loss_s2_rgb_normpix", "lr",
+            "grad_norm", "samples_per_s"} <= set(records[0])
+    assert any("val_loss" in r for r in records)  # epoch 1 ended at step 2
+    state = load_checkpoint(out / "checkpoint-last.pth")  # weights_only=True
+    assert state["kind"] == "multimae_pretraining" and state["step"] == 2 and state["epoch"] == 1
+    assert state["config"]["max_steps"] == 2 and "worldcover" in state["domains"] and len(state["rng"]) == 1
+    assert (out / "config.yaml").is_file() and sorted(p.name for p in (out / "reconstructions").iterdir())
+    assert run_pretraining.main(tiny_cfg(mmearth_fileset, out, "max_steps=2")) == {}  # complete: exits at once
+
+
+def test_resume_continues_the_same_trajectory(mmearth_fileset, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    run_pretraining.main(tiny_cfg(mmearth_fileset, full, "max_steps=5"))
+    run_pretraining.main(tiny_cfg(mmearth_fileset, split, "max_steps=3"))  # stops mid-epoch 2
+    run_pretraining.main(tiny_cfg(mmearth_fileset, split, "max_steps=5"))
+    a, b = losses(full), losses(split)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    assert len(set(a.values())) == 5  # the loss really changes step to step
+
+
+def test_refuses_another_runs_output_dir_and_other_model_shapes(mmearth_fileset, tmp_path):
+    out = tmp_path / "run"
+    run_pretraining.main(tiny_cfg(mmearth_fileset, out, "max_steps=1"))
+    with pytest.raises(ConfigError, match=r"another run.*optim\.blr"):
+        run_pretraining.main(tiny_cfg(mmearth_fileset, out, "max_steps=2", "optim.blr=1e-3"))
+    with pytest.raises(CheckpointError, match=r"(?s)model.*shape differs: .*encoder"):
+        run_pretraining.main(tiny_cfg(mmearth_fileset, out, "max_steps=2", "model.preset={dim: 64, depth: 2, heads: 2}",
+                                      "resume_anyway=true"))
+
+
+def test_bad_input_names_the_problem(mmearth_fileset, tmp_path):
+    with pytest.raises(ValueError, match="data_path"):
+        run_pretraining.main(load_config(None, [f"output_dir={tmp_path}", *TINY]))
+    with pytest.raises(Exception, match="canopy_height|canopy_height_eth"):
+        broken = tmp_path / "data"
+        shutil.copytree(mmearth_fileset, broken)
+        import h5py
+
+        with h5py.File(next(broken.glob("*.h5")), "a") as h5:
+            del h5["canopy_height_eth"]
+        run_pretraining.main(tiny_cfg(broken, tmp_path / "o", "in_domains=[s2_rgb, canopy_height]",
+                                      "out_domains=[s2_rgb]"))
+
+
+def test_summary_flag_prints_without_data(capsys):
+    run_pretraining.cli(["--config", str(REPO / "cfgs/pretrain/demo.yaml"), "--summary"])
+    text = capsys.readouterr().out
+    assert "tokens_per_domain" in text and "dynamic_world" in text
+
+
+def _spawn_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ranks_hold_identical_parameters(mmearth_fileset, tmp_path):
+    out = tmp_path / "ddp"
+    args = [f"data_path={mmearth_fileset}", f"output_dir={out}", *TINY, "batch_size=2", "max_steps=3"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(REPO / "tests" / "run_pretraining_ddp_worker.py"), *args], check=True, env=_spawn_env(), cwd=REPO,
+                   timeout=300)
+    records = read_log(out / "log.jsonl")
+    assert records[0]["world_size"] == 2 and max(r["step"] for r in records) == 3
+    p0, p1 = torch.load(out / "params_rank0.pth"), torch.load(out / "params_rank1.pth")
+    assert p0.keys() == p1.keys()
+    for k in p0:
+        torch.testing.assert_close(p0[k], p1[k], rtol=0, atol=0, msg=k)
+    state = load_checkpoint(out / "checkpoint-last.pth")
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
