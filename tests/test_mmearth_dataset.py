@@ -336,3 +336,18 @@ def test_real_terramesh_tiles(tmp_path, shared_data_dir):
         if found:
             break
     assert found, f"s2_nir channel 0 of row {row} is not B8A of {tif.name}"
+
+
+def test_image_level_domains(mmearth_fileset, monkeypatch):
+    from multimae.domains import DOMAINS, Domain
+
+    monkeypatch.setitem(DOMAINS, "latitude", Domain("latitude", "lat", ("sin_lat", "cos_lat")))
+    monkeypatch.setitem(DOMAINS, "biome", Domain("biome", "biome", tuple(f"biome_{i}" for i in range(14)), "ce"))
+    ds = MMEarthDataset(mmearth_fileset, ["latitude", "biome", "s2_rgb"], input_size=32, augment=True)
+    s = ds[0]
+    with h5py.File(mmearth_fileset / "mmearth_tiny.h5") as h5:
+        lat, biome = h5["lat"][ds.rows[0]], h5["biome"][ds.rows[0]]
+    st = _stats(mmearth_fileset)["lat"]
+    assert s["inputs"]["latitude"].shape == (2,) and s["valid"]["latitude"].shape == ()
+    np.testing.assert_allclose(s["inputs"]["latitude"].numpy(), (lat - st["mean"]) / st["std"], rtol=1e-5)
+    assert s["inputs"]["biome"].item() == int(np.argmax(biome)) and s["valid"]["biome"].item()
