@@ -1,0 +1,48 @@
+# The two commands of the README: `make demo` and `make test`. Both install into .venv when needed.
+#   make install   create .venv (python3 -m venv) and pip-install requirements.txt (once; redone when it changes)
+#   make test      the default test suite (slow tests: .venv/bin/python -m pytest -m slow)
+#   make demo      convert the real TerraMesh sample, pretrain cfgs/pretrain/demo.yaml, then fine-tune
+#                  (DATA=folder of GeoTIFF sub-folders to use another sample)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DATA   ?= ../shared/data/terramesh_examples
+DEMO   := output/demo
+DEMO_DATA := $(DEMO)/data/terramesh64
+
+.PHONY: install test demo clean-demo
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch, torchvision and timm in one resolve, so pip picks a matching torch / torchvision pair
+	$(PY) -m pip install -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+$(DEMO_DATA)/terramesh64.h5: | $(STAMP)
+	$(PY) tools/geotiff_to_mmearth.py --spec cfgs/data/terramesh_examples.yaml --src $(DATA) \
+		--out $(DEMO_DATA) --tile-size 64
+
+demo: $(STAMP) $(DEMO_DATA)/terramesh64.h5
+	$(PY) run_pretraining.py --config cfgs/pretrain/demo.yaml data_path=$(DEMO_DATA) output_dir=$(DEMO)/pretrain
+	@if [ -f run_finetuning.py ]; then \
+		$(PY) run_finetuning.py --config cfgs/finetune/demo.yaml data_path=$(DEMO_DATA) \
+			finetune.checkpoint=$(DEMO)/pretrain/checkpoint-last.pth output_dir=$(DEMO)/finetune; \
+	fi
+	@echo ""
+	@echo "Demo outputs:"
+	@echo "  converted data        $(DEMO_DATA)/"
+	@echo "  pretraining log       $(DEMO)/pretrain/log.jsonl"
+	@echo "  pretraining config    $(DEMO)/pretrain/config.yaml"
+	@echo "  checkpoint            $(DEMO)/pretrain/checkpoint-last.pth"
+	@echo "  reconstructions       $(DEMO)/pretrain/reconstructions/"
+	@if [ -d $(DEMO)/finetune ]; then echo "  fine-tuning           $(DEMO)/finetune/"; fi
+
+clean-demo:
+	rm -rf $(DEMO)
