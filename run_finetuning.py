@@ -1,0 +1,395 @@
+"""MultiMAE fine-tuning, linear probing and kNN on classification, multi-label and segmentation tasks.
+
+    python run_finetuning.py --config cfgs/finetune/demo.yaml data_path=DATA finetune.checkpoint=CKPT output_dir=OUT
+    python run_finetuning.py --config cfgs/finetune/m-eurosat.yaml data_path=GEO_BENCH finetune.checkpoint=CKPT
+    torchrun --nproc_per_node=4 run_finetuning.py --config cfgs/finetune/m-bigearthnet.yaml ...
+
+Protocols (``finetune.protocol``): ``finetune`` (whole model, layer-wise lr decay, no weight decay on norms and
+biases), ``linear_probe`` (frozen encoder, trained head), ``knn`` (frozen encoder, k = 20 cosine neighbours).
+``finetune.checkpoint: null`` trains from scratch (a baseline). ``finetune.grid`` (a list of ``in_domains``
+lists) fine-tunes the same checkpoint once per input subset into ``<output_dir>/grid/<i>_<domains>/`` and
+writes one table, with the score of the majority-class baseline. Results: ``<output_dir>/results.json``
+``{"metrics": {"val": {...}, "test": {...}}, ...}``; the best epoch by the validation metric is kept in
+``checkpoint-best.pth`` and evaluated on test at the end. Re-running a command resumes from
+``checkpoint-last.pth`` (saved at each epoch end). Every key: ``cfgs/defaults.yaml``.
+
+Shared with ``run_pretraining.py``: config, torchrun set-up, loaders (``make_loader``), optimiser groups and
+schedule, the engine, checkpoints and the logger; what this script owns is the task step, evaluation, the
+pretrained-weight load (``utils.finetune``) and the grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
+
+from multimae.build import build_multimae
+from run_pretraining import make_loader
+from utils import checkpoint as ckpt
+from utils.config import build_arg_parser, check_output_dir, config_from_args, effective_lr, save_config
+from utils.data.bigearthnet import BigEarthNetDataset
+from utils.data.geobench import GEOBENCH_TASKS, GeoBenchDataset
+from utils.data.mmearth_seg import MMEarthSegDataset
+from utils.dist import DistInfo, all_gather_object, cleanup, init_distributed, seed_everything
+from utils.engine import Engine, autocast, resolve_precision
+from utils.finetune import (FineTuneModel, build_head, default_layer_decay, finetune_config, knn_scores,
+                            label_fraction_indices, load_backbone, read_pretraining_checkpoint)
+from utils.logger import RunLogger
+from utils.metrics import DEFAULT_METRIC, TaskMetrics, format_table
+from utils.optim import build_optimizer, cosine_lr, param_groups, set_lr
+
+CHECKPOINT_KIND = "multimae_finetuning"
+PROTOCOLS = ("finetune", "linear_probe", "knn")
+
+
+class _EpochSubset(Subset):
+    """A label-fraction subset that forwards ``set_epoch`` to its dataset (for seeded augmentation)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
+def build_dataset(cfg: dict, in_domains: list[str], split: str, *, train: bool):
+    """One split of ``finetune.dataset`` for ``in_domains`` (``train``: augmented, label fraction applied).
+
+    Returns:
+        A dataset with ``task`` and ``num_classes`` attributes (through ``.dataset`` for a subset), or None
+        when an MMEarth file set has no such split.
+
+    Raises:
+        ValueError: ``data_path`` unset, unknown dataset, or a task that does not match the data.
+    """
+    ft, data = cfg["finetune"], cfg["data"]
+    if not cfg["data_path"]:
+        raise ValueError("config key 'data_path' is not set (MMEarth file set, GEO-Bench root or BigEarthNet folder)")
+    aug = dict(augment=train, resize=data["resize"], hflip=data["hflip"], seed=cfg["seed"])
+    if ft["dataset"] == "mmearth":
+        kind = "segmentation"
+        try:
+            ds = MMEarthSegDataset(cfg["data_path"], in_domains, ft["target"], split, input_size=data["input_size"],
+                                   elevation_norm=data["elevation_norm"], **aug)
+        except KeyError as err:
+            if "unknown split" in str(err) and not train:
+                return None
+            raise
+    elif ft["dataset"] == "geobench":
+        if ft["geobench_task"] not in GEOBENCH_TASKS:
+            raise ValueError(f"finetune.geobench_task must be one of {', '.join(GEOBENCH_TASKS)}, got {ft['geobench_task']!r}")
+        kind = GEOBENCH_TASKS[ft["geobench_task"]].task
+        ds = GeoBenchDataset(cfg["data_path"], ft["geobench_task"], split, in_domains, partition=ft["partition"],
+                             input_size=data["input_size"], **aug)
+    elif ft["dataset"] == "bigearthnet":
+        kind = "multilabel"
+        ds = BigEarthNetDataset(cfg["data_path"], split, in_domains, cache_dir=Path(cfg["output_dir"]) / "cache",
+                                input_size=data["input_size"], **aug)
+    else:
+        raise ValueError(f"finetune.dataset must be mmearth, geobench or bigearthnet, got {ft['dataset']!r}")
+    if ft["task"] != kind:
+        raise ValueError(f"finetune.task is {ft['task']!r} but {ft['dataset']} data of this config is {kind!r}")
+    if train and ft["label_fraction"] < 1.0:
+        ds = _EpochSubset(ds, label_fraction_indices(len(ds), ft["label_fraction"], cfg["seed"]))
+    return ds
+
+
+def _meta(ds) -> object:
+    return ds.dataset if isinstance(ds, Subset) else ds
+
+
+class FineTuner:
+    """One fine-tuning (or probing) run for one input-domain subset."""
+
+    def __init__(self, cfg: dict, info: DistInfo, in_domains: list[str], out: Path, pretrained: dict | None) -> None:
+        self.cfg, self.info, self.out, self.ft = cfg, info, out, cfg["finetune"]
+        if self.ft["protocol"] not in PROTOCOLS:
+            raise ValueError(f"finetune.protocol must be one of {', '.join(PROTOCOLS)}, got {self.ft['protocol']!r}")
+        self.sets = {"train": build_dataset(cfg, in_domains, cfg["data"]["train_split"], train=True)}
+        if self.ft["dataset"] == "mmearth":  # split names of <stem>_splits.json
+            eval_splits = {"val": cfg["data"]["val_split"], "test": self.ft["test_split"]}
+        else:
+            eval_splits = {"val": "val", "test": "test"}
+        if self.ft["protocol"] == "knn":
+            eval_splits["train_eval"] = cfg["data"]["train_split"]
+        for name, split in eval_splits.items():
+            self.sets[name] = build_dataset(cfg, in_domains, split, train=False) if split else None
+        self.sets = {k: v for k, v in self.sets.items() if v is not None}
+        meta = _meta(self.sets["train"])
+        self.task, self.num_classes = meta.task, meta.num_classes
+        self.metric = self.ft["metric"] or DEFAULT_METRIC[self.task]
+        self.loaders = {k: make_loader(v, cfg, info, train=k == "train")[0] for k, v in self.sets.items()}
+        if len(self.loaders["train"]) < cfg["accum_steps"] and self.ft["protocol"] != "knn":
+            raise ValueError(f"{len(self.sets['train'])} training samples are fewer than one optimizer step needs "
+                             f"(batch_size {cfg['batch_size']} x accum_steps {cfg['accum_steps']} x world size)")
+        self.net = self._build_model(in_domains, pretrained).to(info.device)
+        self.steps_per_epoch = max(1, len(self.loaders["train"]) // cfg["accum_steps"])
+        self.total_steps = cfg["epochs"] * self.steps_per_epoch
+        self.lr = effective_lr(cfg, info.world_size)
+        ld = cfg["optim"]["layer_decay"]
+        ld = (default_layer_decay(self.task) if ld is None else ld) if self.ft["protocol"] == "finetune" else None
+        groups = param_groups(self.net, cfg["optim"]["weight_decay"], decay_everything=cfg["optim"]["decay_everything"],
+                              layer_decay=ld, num_layers=self.net.model.depth)
+        wrapped = self.net
+        if info.world_size > 1 and self.ft["protocol"] != "knn":
+            wrapped = DistributedDataParallel(self.net, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        self.engine = Engine(wrapped, build_optimizer(groups, cfg["optim"], self.lr), device=info.device,
+                             precision=resolve_precision(cfg["precision"], info.device),
+                             clip_grad=cfg["optim"]["clip_grad"], max_nonfinite_steps=cfg["max_nonfinite_steps"])
+        self.metrics = TaskMetrics(self.task, self.num_classes, info.device)
+        self.epoch, self.best, self.history = 0, None, []
+
+    def _build_model(self, in_domains: list[str], pretrained: dict | None) -> FineTuneModel:
+        bcfg = finetune_config(self.cfg, pretrained, in_domains)
+        model = build_multimae(bcfg, in_domains=in_domains, out_domains=[])
+        self.load_report = None
+        if pretrained is not None:
+            self.load_report = load_backbone(model, pretrained["model"], in_domains, source=self.ft["checkpoint"])
+        head = build_head(self.task, self.ft["head"], dim=model.dim, num_classes=self.num_classes, in_domains=in_domains,
+                          patch_size=model.patch_size, pool=self.ft["pool"], num_global_tokens=model.num_global_tokens,
+                          full_finetune=self.ft["protocol"] == "finetune")
+        return FineTuneModel(model, head, in_domains, patch_size=model.patch_size,
+                             freeze_encoder=self.ft["protocol"] != "finetune")
+
+    # ------------------------------------------------------------------ step and evaluation
+    def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (ignore index -1 for segmentation) or BCE-with-logits (multi-label), in fp32."""
+        if self.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits.float(), label.float())
+        return F.cross_entropy(logits.float(), label, ignore_index=-1)
+
+    def task_step(self, batch: dict) -> dict:
+        logits = self.engine.model(batch["inputs"], batch["valid"])
+        return {"loss": self.loss(logits, batch["label"])}
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict:
+        """Metrics of the current model over a whole split (all ranks; DDP is bypassed)."""
+        if self.ft["protocol"] == "knn":
+            return self.evaluate_knn(split)
+        self.net.eval()
+        self.metrics.reset()
+        for batch in self.loaders[split]:
+            batch = self.engine.to_device(batch)
+            with autocast(self.info.device, self.engine.precision):
+                logits = self.net(batch["inputs"], batch["valid"])
+            self.metrics.update(logits.float(), batch["label"])
+        self.net.train()
+        return self.metrics.compute()
+
+    def _embeddings(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        embs, labels = [], []
+        for batch in self.loaders[split]:
+            batch = self.engine.to_device(batch)
+            embs.append(self.net.embed(batch["inputs"], batch["valid"]).float())
+            labels.append(batch["label"])
+        gathered = all_gather_object((torch.cat(embs).cpu(), torch.cat(labels).cpu()))
+        return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+
+    @torch.no_grad()
+    def evaluate_knn(self, split: str) -> dict:
+        """kNN (``finetune.knn_k`` neighbours, cosine, exp(sim / T) votes) of ``split`` against the training set."""
+        if self.task == "segmentation":
+            raise ValueError("finetune.protocol 'knn' supports classification and multilabel, not segmentation")
+        self.net.eval()
+        train_emb, train_lab = self._embeddings("train_eval")
+        emb, lab = self._embeddings(split)
+        scores = knn_scores(train_emb, train_lab, emb, num_classes=self.num_classes, k=self.ft["knn_k"],
+                            temperature=self.ft["knn_temperature"])
+        self.metrics.reset()
+        # knn scores are probabilities; the multilabel metric expects logits, so map them through logit
+        self.metrics.update(torch.logit(scores.clamp(1e-6, 1 - 1e-6)) if self.task == "multilabel" else scores, lab)
+        return self.metrics.compute()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        return {"model": self.net.state_dict(), "optimizer": self.engine.optimizer.state_dict(),
+                **self.engine.state_dict(), "epoch": self.epoch, "best": self.best, "history": self.history,
+                "config": self.cfg, "in_domains": self.net.in_domains, "kind": CHECKPOINT_KIND,
+                "rng": all_gather_object(ckpt.rng_state())}
+
+    def resume(self, path: Path, log: RunLogger) -> None:
+        state = ckpt.load_checkpoint(path)
+        if state.get("kind") != CHECKPOINT_KIND:
+            raise ckpt.CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint, not {CHECKPOINT_KIND!r}")
+        ckpt.load_state_checked(self.net, state["model"], what=f"fine-tuning model ({path})")
+        self.engine.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load_state_dict(state)
+        self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
+        if len(state["rng"]) == self.info.world_size:
+            ckpt.set_rng_state(state["rng"][self.info.rank])
+        log.write(f"resumed from {path} at epoch {self.epoch}")
+
+    def save(self, name: str, state: dict | None = None) -> None:
+        state = state if state is not None else self.state()
+        if self.info.is_main:
+            ckpt.save_checkpoint(state, self.out / name)
+
+    # ------------------------------------------------------------------ loop
+    def train(self, log: RunLogger) -> None:
+        """Epochs of optimizer steps; validation every ``finetune.eval_every_epochs``; best and last checkpoints."""
+        cfg, warmup = self.cfg, round(self.cfg["optim"]["warmup_epochs"] * self.steps_per_epoch)
+        while self.epoch < cfg["epochs"]:
+            if hasattr(self.sets["train"], "set_epoch"):
+                self.sets["train"].set_epoch(self.epoch)
+            self.loaders["train"].sampler.set_epoch(self.epoch)
+            batches, t0, losses = iter(self.loaders["train"]), time.perf_counter(), []
+            for i in range(self.steps_per_epoch):
+                step = self.epoch * self.steps_per_epoch + i
+                if cfg["max_steps"] is not None and step >= cfg["max_steps"]:
+                    break
+                lr = cosine_lr(step, total_steps=self.total_steps, warmup_steps=warmup, base_lr=self.lr,
+                               min_lr=cfg["optim"]["min_lr"])
+                set_lr(self.engine.optimizer, lr)
+                out = self.engine.train_step(self.task_step, [next(batches) for _ in range(cfg["accum_steps"])])
+                losses.append(out.values["loss"])
+                log.advance(step + 1, {"loss": out.values["loss"], "lr": lr})
+            del batches
+            self.epoch += 1
+            record = {"step": self.epoch * self.steps_per_epoch, "epoch": self.epoch,
+                      "train_loss": sum(losses) / max(1, len(losses)), "epoch_s": time.perf_counter() - t0}
+            last = self.epoch == cfg["epochs"] or (cfg["max_steps"] is not None
+                                                   and self.epoch * self.steps_per_epoch >= cfg["max_steps"])
+            if "val" in self.sets and (self.epoch % self.ft["eval_every_epochs"] == 0 or last):
+                val = self.evaluate("val")
+                record.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, list)})
+                if self.best is None or val[self.metric] > self.best["value"]:
+                    self.best = {"epoch": self.epoch, "value": val[self.metric]}
+                    self.save("checkpoint-best.pth")
+            self.history.append(record)
+            log.log(record)
+            self.save("checkpoint-last.pth")
+            if last:
+                break
+
+    def final_metrics(self) -> dict:
+        """Validation and test metrics of the best checkpoint (the last model without validation)."""
+        best = self.out / "checkpoint-best.pth"
+        if self.ft["protocol"] != "knn" and best.is_file():
+            self.net.load_state_dict(ckpt.load_checkpoint(best)["model"])
+        return {split: self.evaluate(split) for split in ("val", "test") if split in self.sets}
+
+
+def run_one(cfg: dict, info: DistInfo, in_domains: list[str], out: Path, pretrained: dict | None) -> dict:
+    """Fine-tune (or probe) one input subset into ``out``; returns the results dict (also ``out/results.json``)."""
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.update(output_dir=str(out), in_domains=list(in_domains))
+    check_output_dir(run_cfg, out)
+    tuner = FineTuner(run_cfg, info, list(in_domains), out, pretrained)
+    if info.is_main:
+        save_config(run_cfg, out)
+    protocol = cfg["finetune"]["protocol"]
+    log = RunLogger(out, enabled=info.is_main, total_steps=0 if protocol == "knn" else tuner.total_steps,
+                    wandb_cfg=cfg["wandb"], config=run_cfg, world_size=info.world_size)
+    t0 = time.perf_counter()
+    try:
+        resume = ckpt.resume_path(cfg["resume"], out)
+        if resume is not None and protocol != "knn":
+            tuner.resume(resume, log)
+        report = tuner.load_report
+        origin = "from scratch" if report is None else f"new adapters for {report.new_domains or 'no domain'}"
+        log.write(f"{protocol} on {', '.join(in_domains)}: {len(tuner.sets['train'])} training samples, {origin}")
+        if protocol != "knn":
+            tuner.train(log)
+        metrics = tuner.final_metrics()
+    finally:
+        log.close()
+    results = {"metrics": metrics, "metric": tuner.metric, "task": tuner.task, "protocol": protocol,
+               "in_domains": list(in_domains), "best_epoch": tuner.best and tuner.best["epoch"],
+               "checkpoint": cfg["finetune"]["checkpoint"], "num_train": len(tuner.sets["train"]),
+               "new_domains": report.new_domains if report else [], "seconds": round(time.perf_counter() - t0, 2)}
+    if info.is_main:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        rows = [{"split": s, **{k: v for k, v in m.items() if not isinstance(v, list)}} for s, m in metrics.items()]
+        print(format_table(rows, ["split", *[k for k in rows[0] if k != "split"]]) if rows else "no metrics")
+    return results
+
+
+@torch.no_grad()
+def majority_baseline(cfg: dict, in_domains: list[str], split: str) -> tuple[int, dict]:
+    """Score of predicting the most frequent training class everywhere (segmentation: every pixel).
+
+    Returns:
+        (majority class id, metrics of that constant prediction on ``split``).
+    """
+    tr = _meta(build_dataset(cfg, in_domains, cfg["data"]["train_split"], train=False))
+    counts = torch.zeros(tr.num_classes, dtype=torch.int64)
+    for i in range(len(tr)):
+        lab = tr[i]["label"]
+        lab = lab[lab >= 0].flatten() if tr.task == "segmentation" else lab
+        counts += torch.bincount(lab.long(), minlength=tr.num_classes) if tr.task != "multilabel" else lab.long()
+    major = int(counts.argmax())
+    metrics = TaskMetrics(tr.task, tr.num_classes)
+    ds = build_dataset(cfg, in_domains, split, train=False)
+    for i in range(len(ds)):
+        lab = ds[i]["label"][None]
+        logits = torch.full((1, tr.num_classes, *lab.shape[1:]), -10.0)
+        logits[:, major] = 10.0
+        metrics.update(logits, lab)
+    return major, metrics.compute()
+
+
+def run_grid(cfg: dict, info: DistInfo, pretrained: dict | None) -> dict:
+    """Fine-tune once per ``finetune.grid`` entry; write ``<output_dir>/results.json`` with the table."""
+    out, ft = Path(cfg["output_dir"]), cfg["finetune"]
+    rows, runs = [], []
+    for i, domains in enumerate(ft["grid"]):
+        res = run_one(cfg, info, domains, out / "grid" / f"{i}_{'+'.join(domains)}", pretrained)
+        split = "test" if "test" in res["metrics"] else "val"
+        runs.append(res)
+        rows.append({"inputs": list(domains), "split": split, res["metric"]: res["metrics"][split][res["metric"]],
+                     f"val_{res['metric']}": res["metrics"].get("val", {}).get(res["metric"]),
+                     "seconds": res["seconds"]})
+    metric, split = runs[0]["metric"], rows[0]["split"]
+    results = {"grid": rows, "metric": metric, "split": split, "protocol": ft["protocol"],
+               "checkpoint": ft["checkpoint"], "runs": runs}
+    if info.is_main:
+        eval_split = ft["test_split"] if split == "test" else cfg["data"]["val_split"]
+        major, base = majority_baseline(cfg, ft["grid"][0], eval_split if ft["dataset"] == "mmearth" else split)
+        results[f"majority_baseline_{metric}"] = base[metric]
+        results["majority_class"] = major
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        table = rows + [{"inputs": f"majority class {major} everywhere", "split": split, metric: base[metric]}]
+        print(f"\nflexibility grid ({ft['protocol']}, {metric} on {split}):")
+        print(format_table(table, ["inputs", metric, f"val_{metric}", "seconds"]))
+    return results
+
+
+def main(cfg: dict) -> dict:
+    """Fine-tune / probe with the resolved config; a non-empty ``finetune.grid`` runs one job per input subset.
+
+    Returns:
+        The results dict written to ``<output_dir>/results.json``.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing or non-pretraining ``finetune.checkpoint``, data errors.
+    """
+    info = init_distributed(cfg["device"])
+    try:
+        seed_everything(cfg["seed"] + info.rank)
+        out = Path(cfg["output_dir"])
+        check_output_dir(cfg, out)
+        if info.is_main:
+            save_config(cfg, out)
+        pretrained = read_pretraining_checkpoint(cfg["finetune"]["checkpoint"]) if cfg["finetune"]["checkpoint"] else None
+        if cfg["finetune"]["grid"]:
+            return run_grid(cfg, info, pretrained)
+        return run_one(cfg, info, list(cfg["in_domains"]), out, pretrained)
+    finally:
+        cleanup()
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Command-line entry point: ``--config FILE key=value ...``."""
+    args = build_arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    main(config_from_args(args))
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
