@@ -31,7 +31,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from multimae.adapters import CategoricalAdapter, PatchAdapter, patch_validity
-from multimae.decoders import SpatialDecoder
+from multimae.decoders import SpatialDecoder, can_batch, decode_all
 from multimae.domains import DOMAINS, IGNORE_INDEX, Domain
 from multimae.masking import mask_to_ids, random_masks, split_masks
 
@@ -163,6 +163,8 @@ class MultiMAE(nn.Module):
                 input_size=input_size, patch_size=patch_size,
                 dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads, mlp_ratio=mlp_ratio,
             )
+        # Same-sized decoders run as one batch (decoders.decode_all): same result, far fewer kernels.
+        self.batch_decoders = can_batch(list(self.output_adapters.values()))
         self._init_weights()
 
     @staticmethod
@@ -335,7 +337,11 @@ class MultiMAE(nn.Module):
         ids_keep, ids_restore = mask_to_ids(mask, k)
         visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # (B, K, D)
         encoded = self._run_encoder(visible)  # (B, K + G, D)
-        preds = {d: self.output_adapters[d](encoded, ids_keep, ids_restore, grid) for d in self.out_domains}
+        if self.batch_decoders:
+            outs = decode_all(list(self.output_adapters.values()), encoded, ids_keep, ids_restore, grid)
+            preds = dict(zip(self.out_domains, outs))
+        else:
+            preds = {d: self.output_adapters[d](encoded, ids_keep, ids_restore, grid) for d in self.out_domains}
         out_masks = split_masks(mask, self.in_domains, [n_d] * len(self.in_domains))
         for d in self.out_domains:
             if d not in out_masks:

@@ -1,0 +1,161 @@
+"""Time one MultiMAE pretraining step against a bare timm ViT of the same size.
+
+One step = forward (masking, encoder, decoders), loss, backward, AdamW step, on random data of the
+shapes the config describes. The baseline is a plain timm ``VisionTransformer`` with the same
+width, depth and heads on the same number of encoder tokens (K visible + G global: a 1 x K patch
+grid plus a class token and G - 1 register tokens), trained with a trivial loss by its own AdamW,
+in the same process. Steps of the two models alternate, so both see the same machine state; the
+median over ``--steps`` timed steps is reported::
+
+    python benchmarks/bench_step.py --config cfgs/defaults.yaml --batch-size 8 --steps 10
+
+prints ``step_s``, ``baseline_step_s`` and ``ratio``; on CUDA also ``samples_per_s``,
+``tflops_per_step`` (counted with ``torch.utils.flop_counter``) and ``mfu`` against the bf16 dense
+peak of the GPU (H100: 989 TFLOPS, H200: 989 TFLOPS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from timm.models.vision_transformer import VisionTransformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from multimae.build import build_criterion, build_multimae, resolve_preset  # noqa: E402
+from multimae.domains import DOMAINS  # noqa: E402
+
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def load_cfg(path: str) -> dict:
+    """Resolved config: ``utils.config.load_config`` if present, else defaults merged with ``path``."""
+    try:
+        from utils.config import load_config
+    except ImportError:
+        load_config = None
+    if load_config is not None:
+        return load_config(path)
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "cfgs" / "defaults.yaml").read_text())
+
+    def merge(base: dict, over: dict) -> dict:
+        for key, value in over.items():
+            base[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        return base
+
+    return merge(cfg, yaml.safe_load(Path(path).read_text()) or {})
+
+
+def random_batch(cfg: dict, batch_size: int, device: torch.device) -> tuple[dict, dict]:
+    """Random inputs and all-True validity masks for every in/out domain of the config."""
+    size = cfg["data"]["input_size"]
+    inputs, valid = {}, {}
+    for name in dict.fromkeys(cfg["in_domains"] + cfg["out_domains"]):
+        dom = DOMAINS[name]
+        if dom.source is not None:
+            continue
+        if dom.kind == "categorical":
+            inputs[name] = torch.randint(0, dom.num_classes, (batch_size, size, size), device=device)
+        else:
+            inputs[name] = torch.randn(batch_size, dom.num_channels, size, size, device=device)
+        valid[name] = torch.ones(batch_size, size, size, dtype=torch.bool, device=device)
+    return inputs, valid
+
+
+def count_flops(fn) -> float:
+    """FLOPs of one call of ``fn`` (forward + backward), from torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="cfgs/defaults.yaml or an experiment YAML")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--precision", default="auto", help="auto (bf16 on cuda, fp32 on cpu), fp32, bf16")
+    args = parser.parse_args()
+
+    cfg = load_cfg(args.config)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    torch.manual_seed(0)
+
+    model = build_multimae(cfg).to(device)
+    criterion = build_criterion(cfg).to(device)
+    params = list(model.parameters()) + list(criterion.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    inputs, valid = random_batch(cfg, args.batch_size, device)
+
+    size = resolve_preset(cfg["model"]["preset"])
+    k, g, p = cfg["masking"]["num_encoded_tokens"], cfg["model"]["num_global_tokens"], cfg["model"]["patch_size"]
+    vit = VisionTransformer(
+        img_size=(p, k * p), patch_size=p, in_chans=3, num_classes=0, embed_dim=size["dim"],
+        depth=size["depth"], num_heads=size["heads"], class_token=True, reg_tokens=g - 1,
+    ).to(device)
+    vit_opt = torch.optim.AdamW(vit.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    vit_x = torch.randn(args.batch_size, 3, p, k * p, device=device)
+
+    def fwd_bwd_multimae() -> None:
+        with amp:
+            preds, masks = model(inputs, valid=valid)
+        criterion(preds, inputs, masks, valid)["loss"].backward()
+
+    def fwd_bwd_vit() -> None:
+        with amp:
+            feats = vit.forward_features(vit_x)  # (B, K + G, D)
+        feats.float().square().mean().backward()
+
+    def timed(fwd_bwd, optimizer) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        fwd_bwd()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    times, base_times = [], []
+    for i in range(args.warmup + args.steps):
+        t, tb = timed(fwd_bwd_multimae, opt), timed(fwd_bwd_vit, vit_opt)
+        if i >= args.warmup:
+            times.append(t)
+            base_times.append(tb)
+    step_s, base_s = statistics.median(times), statistics.median(base_times)
+    print(f"device: {device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
+          f"precision: {precision}, threads: {torch.get_num_threads()}")
+    print(f"batch_size: {args.batch_size}, steps: {args.steps}, encoder_tokens: {k + g}")
+    print(f"step_s: {step_s:.4f}")
+    print(f"baseline_step_s: {base_s:.4f}")
+    print(f"ratio: {step_s / base_s:.3f}")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for key, v in BF16_PEAK_TFLOPS.items() if key in name), None)
+        flops = count_flops(fwd_bwd_multimae)
+        base_flops = count_flops(fwd_bwd_vit)
+        print(f"samples_per_s: {args.batch_size / step_s:.1f}")
+        print(f"tflops_per_step: {flops / 1e12:.3f}")
+        print(f"baseline_tflops_per_step: {base_flops / 1e12:.3f}")
+        if peak is not None:
+            print(f"mfu: {flops / step_s / (peak * 1e12):.3f}")
+            print(f"baseline_mfu: {base_flops / base_s / (peak * 1e12):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Exchange encoder weights with timm's ``VisionTransformer``.
+
+The MultiMAE encoder with one continuous input adapter is a plain ViT: the same timm blocks, a
+patch embedding, a position embedding and learnable prefix tokens. Key mapping (as the reference's
+``multimae2vit_converter``):
+
+=====================================  ==========================================================
+MultiMAE                               timm ``VisionTransformer``
+=====================================  ==========================================================
+``global_tokens`` (1, G, D)            ``cls_token`` (1, 1, D) = global token 0, and
+                                       ``reg_token`` (1, G - 1, D) = the others (``reg_tokens=G-1``)
+``input_adapters.<d>.proj.*``          ``patch_embed.proj.*``
+sin-cos buffer of the adapter (N, D)   ``pos_embed`` (1, G + N, D): G zero rows (prefix), then it
+``encoder.<i>.*``                      ``blocks.<i>.*``
+(no final norm)                        ``norm``: **none**, build timm with ``final_norm=False``
+=====================================  ==========================================================
+
+Final norm (a decision): the encoder has no final LayerNorm (as the reference), and no LayerNorm
+weights reproduce the identity, so the exported dict has no ``norm.*`` keys and the timm model must
+be created with ``final_norm=False`` (and ``global_pool`` / ``fc_norm`` as the downstream task
+wants). Then timm's ``forward_features`` gives exactly :meth:`MultiMAE.encode`'s tokens, with the
+prefix tokens first instead of last::
+
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=56, patch_size=8,
+                            in_chans=3, num_classes=0, final_norm=False, reg_tokens=G - 1)
+    vit.load_state_dict(export_timm_state_dict(model, "s2_rgb"))
+
+Importing a timm ViT (:func:`load_timm_state_dict`) fills the blocks, the patch embedding of the
+chosen domain and the global tokens; timm's ``pos_embed`` and ``norm`` are not used (the encoder's
+position embedding is the fixed sin-cos one), and the returned report lists them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from multimae.domains import DOMAINS
+from multimae.model import MultiMAE
+
+__all__ = ["export_timm_state_dict", "load_timm_state_dict", "timm_vit_kwargs"]
+
+
+def _check_domain(model: MultiMAE, domain: str) -> None:
+    if domain not in model.in_domains:
+        raise ValueError(f"domain {domain!r} is not an input domain of the model ({model.in_domains})")
+    if DOMAINS[domain].kind != "continuous":
+        raise ValueError(f"domain {domain!r} is categorical; timm's patch embedding needs a continuous domain")
+
+
+def timm_vit_kwargs(model: MultiMAE, domain: str) -> dict:
+    """Keyword arguments of ``timm.models.vision_transformer.VisionTransformer`` matching the export."""
+    _check_domain(model, domain)
+    block = model.encoder[0]
+    return {
+        "img_size": model.input_size,
+        "patch_size": model.patch_size,
+        "in_chans": DOMAINS[domain].num_channels,
+        "embed_dim": model.dim,
+        "depth": model.depth,
+        "num_heads": block.attn.num_heads,
+        "mlp_ratio": block.mlp.fc1.out_features / model.dim,
+        "qkv_bias": True,
+        "class_token": True,
+        "reg_tokens": model.num_global_tokens - 1,
+        "final_norm": False,
+        "num_classes": 0,
+    }
+
+
+def export_timm_state_dict(model: MultiMAE, domain: str) -> dict[str, torch.Tensor]:
+    """Encoder plus one continuous input adapter as a timm ``VisionTransformer`` state dict.
+
+    Args:
+        model: The MultiMAE model.
+        domain: A continuous input domain whose adapter becomes ``patch_embed``.
+
+    Returns:
+        {timm key: tensor} for a ViT built with :func:`timm_vit_kwargs` (``final_norm=False``,
+        class token, ``reg_tokens = G - 1``); tensors are detached copies.
+
+    Raises:
+        ValueError: If ``domain`` is not a continuous input domain.
+    """
+    _check_domain(model, domain)
+    adapter = model.input_adapters[domain]
+    g = model.num_global_tokens
+    pos = adapter.pos_embed.detach()  # (1, N, D)
+    out = {
+        "cls_token": model.global_tokens.detach()[:, :1].clone(),
+        "pos_embed": torch.cat([pos.new_zeros(1, g, model.dim), pos], dim=1).clone(),
+        "patch_embed.proj.weight": adapter.proj.weight.detach().clone(),
+        "patch_embed.proj.bias": adapter.proj.bias.detach().clone(),
+    }
+    if g > 1:
+        out["reg_token"] = model.global_tokens.detach()[:, 1:].clone()
+    for key, value in model.encoder.state_dict().items():
+        out[f"blocks.{key}"] = value.detach().clone()
+    return out
+
+
+def load_timm_state_dict(model: MultiMAE, state_dict: dict[str, torch.Tensor], domain: str) -> dict[str, list[str]]:
+    """Load a timm ViT state dict into the encoder, the global tokens and one input adapter.
+
+    Args:
+        model: The MultiMAE model (modified in place).
+        state_dict: timm ``VisionTransformer`` state dict with the same width and depth.
+        domain: Continuous input domain that receives ``patch_embed.proj``.
+
+    Returns:
+        ``{"unused": [...], "not_loaded": [...]}``: timm keys ignored (``pos_embed``, ``norm.*``,
+        ``head.*``, ...) and model parameters left as they were (other adapters, decoders).
+
+    Raises:
+        ValueError: If the domain is unsuitable, a block key is missing, or shapes differ (the
+            message names the key).
+    """
+    _check_domain(model, domain)
+    mapped: dict[str, torch.Tensor] = {}
+    unused = []
+    for key, value in state_dict.items():
+        if key.startswith("blocks."):
+            mapped["encoder." + key[len("blocks."):]] = value
+        elif key.startswith("patch_embed.proj."):
+            mapped[f"input_adapters.{domain}.proj.{key.rsplit('.', 1)[1]}"] = value
+        elif key in ("cls_token", "reg_token"):
+            continue
+        else:
+            unused.append(key)
+    if "cls_token" not in state_dict:
+        raise ValueError("timm state dict has no 'cls_token' (build the ViT with class_token=True)")
+    tokens = [state_dict["cls_token"]] + ([state_dict["reg_token"]] if "reg_token" in state_dict else [])
+    mapped["global_tokens"] = torch.cat(tokens, dim=1)
+
+    own = model.state_dict()
+    for key, value in mapped.items():
+        if key not in own:
+            raise ValueError(f"timm key for {key!r} has no counterpart in the model")
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise ValueError(f"shape mismatch for {key!r}: model {tuple(own[key].shape)}, timm {tuple(value.shape)}")
+    expected = {k for k in own if k.startswith("encoder.")}
+    missing = sorted(expected - set(mapped))
+    if missing:
+        raise ValueError(f"timm state dict lacks encoder weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    result = model.load_state_dict(mapped, strict=False)
+    return {"unused": sorted(unused), "not_loaded": sorted(result.missing_keys)}
