@@ -11,6 +11,9 @@ STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/data/terramesh_examples
 DEMO   := output/demo
 DEMO_DATA := $(DEMO)/data/terramesh64
+# One intra-op thread per process for the demo: on 2 shared cores, 2 OpenMP threads that spin-wait
+# for each other ran 2-3x slower than 1 whenever anything else was running (measured).
+DEMO_THREADS ?= 1
 
 .PHONY: install test demo clean-demo
 
@@ -30,9 +33,9 @@ $(DEMO_DATA)/terramesh64.h5: | $(STAMP)
 		--out $(DEMO_DATA) --tile-size 64
 
 demo: $(STAMP) $(DEMO_DATA)/terramesh64.h5
-	$(PY) run_pretraining.py --config cfgs/pretrain/demo.yaml data_path=$(DEMO_DATA) output_dir=$(DEMO)/pretrain
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) run_pretraining.py --config cfgs/pretrain/demo.yaml data_path=$(DEMO_DATA) output_dir=$(DEMO)/pretrain
 	@if [ -f run_finetuning.py ]; then \
-		$(PY) run_finetuning.py --config cfgs/finetune/demo.yaml data_path=$(DEMO_DATA) \
+		OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) run_finetuning.py --config cfgs/finetune/demo.yaml data_path=$(DEMO_DATA) \
 			finetune.checkpoint=$(DEMO)/pretrain/checkpoint-last.pth output_dir=$(DEMO)/finetune; \
 	fi
 	@echo ""

@@ -206,6 +206,7 @@ class Trainer:
             del batches  # shut the workers down before validation starts its own
             if p.epoch_step == self.steps_per_epoch:
                 self._end_epoch(log)
+                t0 = time.perf_counter()  # samples/s counts training only
             elif p.step % cfg["save_every_steps"] != 0:
                 self.save("checkpoint-last.pth")  # stopped mid-epoch by max_steps
         self.pictures(log, f"step{p.step:06d}")

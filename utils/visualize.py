@@ -9,7 +9,9 @@ Rendering per domain kind (matplotlib, Agg backend, no display needed):
 - Land-cover class maps: the registry's ``class_colors`` palette, with a legend of the classes
   present; predictions are the arg-max class.
 - The input column greys out masked tokens (hidden from the encoder); the mask column is white
-  where masked, black where visible.
+  where masked, black where visible; the prediction column shows the reconstruction at masked
+  tokens with the visible target patches pasted in (MAE's "reconstruction + visible"), since no
+  loss trains the visible ones.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from multimae.domains import IGNORE_INDEX, get_domain, get_modality  # noqa: E40
 __all__ = ["save_reconstructions"]
 
 _GREY = np.array([0.55, 0.55, 0.55])
+_MIN_HALF_RANGE = 0.25  # z-score units
 
 
 def _token_mask_image(mask: torch.Tensor, size: int) -> np.ndarray:
@@ -45,7 +48,9 @@ def _stretch_limits(x: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.nd
     """Per-band 2 % and 98 % percentiles of (C, H, W) ``x`` over valid pixels."""
     pix = x.reshape(x.shape[0], -1)[:, valid.reshape(-1)] if valid.any() else x.reshape(x.shape[0], -1)
     lo, hi = np.percentile(pix, 2, axis=1), np.percentile(pix, 98, axis=1)
-    return lo[:, None, None], np.maximum(hi, lo + 1e-6)[:, None, None]
+    # Flat targets (sea, ice) keep a stretch of at least half a standard deviation of the band stats.
+    mid, half = (lo + hi) / 2, np.maximum((hi - lo) / 2, _MIN_HALF_RANGE)
+    return (mid - half)[:, None, None], (mid + half)[:, None, None]
 
 
 def _to_rgb(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -82,6 +87,7 @@ def _domain_panels(name: str, inp: torch.Tensor, pred: torch.Tensor, valid: torc
         target = torch.where(valid, inp, IGNORE_INDEX).numpy()
         pred_cls = F.interpolate(pred[None].float(), size=(size, size), mode="nearest")[0].argmax(0).numpy()
         tgt_rgb, pred_rgb = _class_rgb(target, mod.class_colors), _class_rgb(pred_cls, mod.class_colors)
+        pred_rgb = np.where(masked[..., None], pred_rgb, tgt_rgb)
         present = sorted(set(np.unique(target[target >= 0]).tolist()) | set(np.unique(pred_cls).tolist()))
         legend = {mod.class_names[i]: mod.class_colors[i] for i in present}
         return [_grey_out(tgt_rgb, masked), mask_img, pred_rgb, tgt_rgb], legend
@@ -98,6 +104,7 @@ def _domain_panels(name: str, inp: torch.Tensor, pred: torch.Tensor, valid: torc
     else:
         tgt, prd = _to_rgb(target, lo, hi), _to_rgb(pred, lo, hi)
     tgt = np.where(ok[..., None], tgt, 0.0)
+    prd = np.where(masked[..., None], prd, tgt)  # MAE style: the reconstruction with the visible patches pasted
     return [_grey_out(tgt, masked), mask_img, prd, tgt], None
 
 
@@ -139,7 +146,7 @@ def save_reconstructions(folder: str | Path, tag: str, inputs: dict[str, torch.T
                 ax.imshow(img, interpolation="nearest")
                 ax.set_xticks([]), ax.set_yticks([])
                 if row == 0:
-                    ax.set_title(("input (masked grey)", "mask (white = masked)", "prediction", "target")[col],
+                    ax.set_title(("input (masked grey)", "mask (white = masked)", "prediction + visible", "target")[col],
                                  fontsize=9)
             axes[row, 0].set_ylabel(name, fontsize=9)
             if legend:
@@ -147,7 +154,7 @@ def save_reconstructions(folder: str | Path, tag: str, inputs: dict[str, torch.T
                 axes[row, 3].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7,
                                     frameon=False)
         fig.suptitle(f"{tag}, sample {i}", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.98))
         path = folder / f"sample{i}_{tag}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
