@@ -1,0 +1,59 @@
+"""timm interop: the exported encoder loads into a timm ViT and gives the same features."""
+
+import pytest
+import timm
+import torch
+
+from multimae.build import build_multimae
+from multimae.interop import export_timm_state_dict, load_timm_state_dict, timm_vit_kwargs
+from tests.multimae_fixture import tiny_cfg
+
+
+def _model(num_global_tokens=1):
+    cfg = tiny_cfg()
+    cfg["model"]["num_global_tokens"] = num_global_tokens
+    cfg["in_domains"] = ["s2_rgb", "elevation", "worldcover"]
+    cfg["out_domains"] = ["s2_rgb"]
+    return build_multimae(cfg).eval()
+
+
+@pytest.mark.parametrize("num_global_tokens", [1, 2])
+def test_exported_encoder_gives_the_same_features_in_timm(num_global_tokens):
+    torch.manual_seed(0)
+    model = _model(num_global_tokens)
+    state = export_timm_state_dict(model, "elevation")
+    kwargs = timm_vit_kwargs(model, "elevation")
+    assert kwargs["final_norm"] is False and kwargs["class_token"] is True
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+    vit.load_state_dict(state)  # strict: every key maps
+    x = torch.randn(2, 1, 16, 16)
+    ours = model._run_encoder(model.input_adapters["elevation"](x))  # (B, N + G, D), global tokens last
+    theirs = vit.forward_features(x)  # (B, G + N, D), prefix tokens first
+    g = num_global_tokens
+    torch.testing.assert_close(theirs[:, g:], ours[:, :-g], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(theirs[:, :g], ours[:, -g:], rtol=1e-4, atol=1e-5)
+
+
+def test_timm_state_dict_loads_back_into_the_encoder():
+    torch.manual_seed(0)
+    source, target = _model(), _model()
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **timm_vit_kwargs(source, "s2_rgb"))
+    vit.load_state_dict(export_timm_state_dict(source, "s2_rgb"))
+    report = load_timm_state_dict(target, vit.state_dict(), "s2_rgb")
+    assert report["unused"] == ["pos_embed"]
+    assert "input_adapters.elevation.proj.weight" in report["not_loaded"]
+    assert not any(k.startswith("encoder.") for k in report["not_loaded"])
+    for key, value in source.state_dict().items():
+        if key.startswith(("encoder.", "global_tokens", "input_adapters.s2_rgb.")):
+            assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_interop_errors_name_the_problem():
+    model = _model()
+    with pytest.raises(ValueError, match="'worldcover' is categorical"):
+        export_timm_state_dict(model, "worldcover")
+    with pytest.raises(ValueError, match="not an input domain"):
+        export_timm_state_dict(model, "s2_nir")
+    wide = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=0)
+    with pytest.raises(ValueError, match=r"shape mismatch for '.*': model \(32, .*timm \(192"):
+        load_timm_state_dict(model, wide.state_dict(), "s2_rgb")
