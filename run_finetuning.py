@@ -170,7 +170,11 @@ class FineTuner:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict:
-        """Metrics of the current model over a whole split (all ranks; DDP is bypassed)."""
+        """Metrics of the current model over a whole split (all ranks; DDP is bypassed).
+
+        With several ranks the distributed sampler pads the split to a multiple of the world size by repeating
+        up to ``world_size - 1`` samples, which then count twice.
+        """
         if self.ft["protocol"] == "knn":
             return self.evaluate_knn(split)
         self.net.eval()
@@ -281,6 +285,7 @@ def run_one(cfg: dict, info: DistInfo, in_domains: list[str], out: Path, pretrai
     run_cfg = copy.deepcopy(cfg)
     run_cfg.update(output_dir=str(out), in_domains=list(in_domains))
     check_output_dir(run_cfg, out)
+    seed_everything(cfg["seed"] + info.rank)  # every grid entry starts from the same RNG state
     tuner = FineTuner(run_cfg, info, list(in_domains), out, pretrained)
     if info.is_main:
         save_config(run_cfg, out)
@@ -372,7 +377,6 @@ def main(cfg: dict) -> dict:
     """
     info = init_distributed(cfg["device"])
     try:
-        seed_everything(cfg["seed"] + info.rank)
         out = Path(cfg["output_dir"])
         check_output_dir(cfg, out)
         if info.is_main:
