@@ -117,15 +117,19 @@ class Trainer:
         self.warmup_steps = round(cfg["optim"]["warmup_epochs"] * self.steps_per_epoch)
         self.lr = effective_lr(cfg, info.world_size)
         self.task = PretrainTask(build_multimae(cfg), build_criterion(cfg)).to(info.device)
-        groups = param_groups(self.task, cfg["optim"]["weight_decay"], decay_everything=cfg["optim"]["decay_everything"])
+        optim = cfg["optim"]
+        groups = param_groups(self.task, optim["weight_decay"], decay_everything=optim["decay_everything"])
         optimizer = build_optimizer(groups, cfg["optim"], self.lr)
         wrapped = self.task
         if info.world_size > 1:
-            wrapped = DistributedDataParallel(self.task, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+            # Every adapter and decoder takes part in every step, so no find_unused_parameters.
+            device_ids = [info.local_rank] if info.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(self.task, device_ids=device_ids)
         if cfg["compile"]:
             wrapped = torch.compile(wrapped)
-        self.engine = Engine(wrapped, optimizer, device=info.device, precision=resolve_precision(cfg["precision"], info.device),
-                             clip_grad=cfg["optim"]["clip_grad"], max_nonfinite_steps=cfg["max_nonfinite_steps"])
+        self.engine = Engine(wrapped, optimizer, device=info.device,
+                             precision=resolve_precision(cfg["precision"], info.device),
+                             clip_grad=optim["clip_grad"], max_nonfinite_steps=cfg["max_nonfinite_steps"])
         self.progress = Progress()
 
     # ------------------------------------------------------------------ checkpoints
@@ -138,7 +142,8 @@ class Trainer:
             "model": self.task.model.state_dict(), "criterion": self.task.criterion.state_dict(),
             "optimizer": self.engine.optimizer.state_dict(), **self.engine.state_dict(),
             "step": p.step, "epoch": p.epoch, "epoch_step": p.epoch_step, "rng": rngs,
-            "sampler": {"epoch": p.epoch, "start": per_rank, "seed": self.cfg["seed"], "num_replicas": self.info.world_size},
+            "sampler": {"epoch": p.epoch, "start": per_rank, "seed": self.cfg["seed"],
+                        "num_replicas": self.info.world_size},
             "config": self.cfg, "domains": self.train_set.domain_info(), "kind": CHECKPOINT_KIND,
         }
 
@@ -163,8 +168,8 @@ class Trainer:
         if len(state["rng"]) == self.info.world_size:
             ckpt.set_rng_state(state["rng"][self.info.rank], {"loader": self.loader_gen})
         else:
-            log.write(f"resume: checkpoint has RNG states of {len(state['rng'])} ranks, this run {self.info.world_size}: "
-                      "the run continues but not on the identical trajectory")
+            log.write(f"resume: checkpoint has RNG states of {len(state['rng'])} ranks, this run "
+                      f"{self.info.world_size}: the run continues but not on the identical trajectory")
         log.write(f"resumed from {path} at step {self.progress.step} (epoch {self.progress.epoch})")
 
     # ------------------------------------------------------------------ loop
@@ -279,7 +284,7 @@ def main(cfg: dict) -> dict:
         try:
             if resume is not None:
                 trainer.resume(resume, log)
-                log.advance(trainer.progress.step)
+                log.start_at(trainer.progress.step)
             if trainer.finished():
                 log.write(f"{out}: run already complete at step {trainer.progress.step}; nothing to do")
                 return {}

@@ -103,8 +103,8 @@ def test_two_process_gloo_ranks_hold_identical_parameters(mmearth_fileset, tmp_p
     out = tmp_path / "ddp"
     args = [f"data_path={mmearth_fileset}", f"output_dir={out}", *TINY, "batch_size=2", "max_steps=3"]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(REPO / "tests" / "run_pretraining_ddp_worker.py"), *args], check=True, env=_spawn_env(), cwd=REPO,
-                   timeout=300)
+                    str(REPO / "tests" / "run_pretraining_ddp_worker.py"), *args],
+                   check=True, env=_spawn_env(), cwd=REPO, timeout=300)
     records = read_log(out / "log.jsonl")
     assert records[0]["world_size"] == 2 and max(r["step"] for r in records) == 3
     p0, p1 = torch.load(out / "params_rank0.pth"), torch.load(out / "params_rank1.pth")

@@ -82,6 +82,13 @@ class RunLogger:
                 dir=str(self.path.parent), resume="allow",
             )
 
+    def start_at(self, step: int) -> None:
+        """Start the bar (and its rate and ETA) at ``step`` optimizer steps done, after a resume."""
+        if self.bar is not None:
+            self.bar.reset(total=self.bar.total)
+            self.bar.initial = self.bar.n = self.bar.last_print_n = step
+            self.bar.refresh()
+
     def advance(self, step: int, postfix: dict[str, float] | None = None) -> None:
         """Move the bar to ``step`` and show ``postfix`` (e.g. loss, lr, samples/s)."""
         if self.bar is None:

@@ -35,6 +35,7 @@ __all__ = ["save_reconstructions"]
 
 _GREY = np.array([0.55, 0.55, 0.55])
 _MIN_HALF_RANGE = 0.25  # z-score units
+_COLUMNS = ("input (masked grey)", "mask (white = masked)", "prediction + visible", "target")
 
 
 def _token_mask_image(mask: torch.Tensor, size: int) -> np.ndarray:
@@ -146,8 +147,7 @@ def save_reconstructions(folder: str | Path, tag: str, inputs: dict[str, torch.T
                 ax.imshow(img, interpolation="nearest")
                 ax.set_xticks([]), ax.set_yticks([])
                 if row == 0:
-                    ax.set_title(("input (masked grey)", "mask (white = masked)", "prediction + visible", "target")[col],
-                                 fontsize=9)
+                    ax.set_title(_COLUMNS[col], fontsize=9)
             axes[row, 0].set_ylabel(name, fontsize=9)
             if legend:
                 handles = [Patch(color=c, label=n) for n, c in legend.items()]
