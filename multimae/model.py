@@ -164,7 +164,7 @@ class MultiMAE(nn.Module):
                 dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads, mlp_ratio=mlp_ratio,
             )
         # Same-sized decoders run as one batch (decoders.decode_all): same result, far fewer kernels.
-        self.batch_decoders = can_batch(list(self.output_adapters.values()))
+        self.batch_decoders = bool(self.output_adapters) and can_batch(list(self.output_adapters.values()))
         self._init_weights()
 
     @staticmethod
