@@ -76,7 +76,7 @@ def test_refuses_another_runs_output_dir_and_other_model_shapes(mmearth_fileset,
 def test_bad_input_names_the_problem(mmearth_fileset, tmp_path):
     with pytest.raises(ValueError, match="data_path"):
         run_pretraining.main(load_config(None, [f"output_dir={tmp_path}", *TINY]))
-    with pytest.raises(Exception, match="canopy_height|canopy_height_eth"):
+    with pytest.raises(KeyError, match="canopy_height_eth.*missing"):
         broken = tmp_path / "data"
         shutil.copytree(mmearth_fileset, broken)
         import h5py

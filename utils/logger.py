@@ -7,6 +7,7 @@ on the rank.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -79,8 +80,13 @@ class RunLogger:
             self.wandb = wandb.init(
                 mode=wandb_cfg["mode"], project=wandb_cfg["project"], entity=wandb_cfg["entity"],
                 name=wandb_cfg["run_name"], tags=list(wandb_cfg["tags"]), config=config,
-                dir=str(self.path.parent), resume="allow",
+                dir=str(self.path.parent), resume="allow", id=self.wandb_id(self.path.parent),
             )
+
+    @staticmethod
+    def wandb_id(output_dir: Path) -> str:
+        """wandb run id derived from the output folder, so a resumed run continues the same wandb run."""
+        return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
 
     def start_at(self, step: int) -> None:
         """Start the bar (and its rate and ETA) at ``step`` optimizer steps done, after a resume."""
