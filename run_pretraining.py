@@ -49,6 +49,10 @@ class PretrainTask(nn.Module):
         super().__init__()
         self.model, self.criterion = model, criterion
 
+    def no_weight_decay(self) -> set[str]:
+        """The model's no-decay parameter names, prefixed as this module names them."""
+        return {f"model.{n}" for n in self.model.no_weight_decay()}
+
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         preds, masks = self.model(batch["inputs"], valid=batch["valid"], generator=generator)
         losses = self.criterion(preds, batch["inputs"], masks, batch["valid"])
@@ -119,14 +123,14 @@ class Trainer:
         self.task = PretrainTask(build_multimae(cfg), build_criterion(cfg)).to(info.device)
         optim = cfg["optim"]
         groups = param_groups(self.task, optim["weight_decay"], decay_everything=optim["decay_everything"])
-        optimizer = build_optimizer(groups, cfg["optim"], self.lr)
+        optimizer = build_optimizer(groups, optim, self.lr)
+        if cfg["compile"]:
+            self.task.model.compile()  # in place: state-dict keys stay free of torch.compile's prefix
         wrapped = self.task
         if info.world_size > 1:
             # Every adapter and decoder takes part in every step, so no find_unused_parameters.
             device_ids = [info.local_rank] if info.device.type == "cuda" else None
             wrapped = DistributedDataParallel(self.task, device_ids=device_ids)
-        if cfg["compile"]:
-            wrapped = torch.compile(wrapped)
         self.engine = Engine(wrapped, optimizer, device=info.device,
                              precision=resolve_precision(cfg["precision"], info.device),
                              clip_grad=optim["clip_grad"], max_nonfinite_steps=cfg["max_nonfinite_steps"])

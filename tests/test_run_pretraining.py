@@ -139,3 +139,18 @@ def test_kill_9_with_workers_then_resume_matches_uninterrupted(mmearth_fileset, 
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_no_decay_groups_of_the_real_model(mmearth_fileset):
+    from multimae.build import build_criterion, build_multimae
+    from utils.optim import param_groups
+
+    cfg = tiny_cfg(mmearth_fileset, "unused")
+    task = run_pretraining.PretrainTask(build_multimae(cfg), build_criterion(cfg))
+    groups = param_groups(task, 0.05)
+    exempt = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    assert "model.global_tokens" in exempt and all(n.endswith("weight") for n in decayed)
+    assert not any(".norm" in n or n.endswith(".bias") or "class_embed" in n for n in decayed)
+    assert any(n.startswith("model.encoder.0.") for n in decayed)
+    assert len(exempt) + len(decayed) == len(list(task.parameters()))
