@@ -83,7 +83,8 @@ def build_dataset(cfg: dict, in_domains: list[str], split: str, *, train: bool):
             raise
     elif ft["dataset"] == "geobench":
         if ft["geobench_task"] not in GEOBENCH_TASKS:
-            raise ValueError(f"finetune.geobench_task must be one of {', '.join(GEOBENCH_TASKS)}, got {ft['geobench_task']!r}")
+            raise ValueError(f"finetune.geobench_task must be one of {', '.join(GEOBENCH_TASKS)}, "
+                             f"got {ft['geobench_task']!r}")
         kind = GEOBENCH_TASKS[ft["geobench_task"]].task
         ds = GeoBenchDataset(cfg["data_path"], ft["geobench_task"], split, in_domains, partition=ft["partition"],
                              input_size=data["input_size"], **aug)
@@ -138,7 +139,8 @@ class FineTuner:
                               layer_decay=ld, num_layers=self.net.model.depth)
         wrapped = self.net
         if info.world_size > 1 and self.ft["protocol"] != "knn":
-            wrapped = DistributedDataParallel(self.net, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+            ids = [info.local_rank] if info.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(self.net, device_ids=ids)
         self.engine = Engine(wrapped, build_optimizer(groups, cfg["optim"], self.lr), device=info.device,
                              precision=resolve_precision(cfg["precision"], info.device),
                              clip_grad=cfg["optim"]["clip_grad"], max_nonfinite_steps=cfg["max_nonfinite_steps"])
@@ -151,8 +153,8 @@ class FineTuner:
         self.load_report = None
         if pretrained is not None:
             self.load_report = load_backbone(model, pretrained["model"], in_domains, source=self.ft["checkpoint"])
-        head = build_head(self.task, self.ft["head"], dim=model.dim, num_classes=self.num_classes, in_domains=in_domains,
-                          patch_size=model.patch_size, pool=self.ft["pool"], num_global_tokens=model.num_global_tokens,
+        head = build_head(self.task, self.ft["head"], dim=model.dim, num_classes=self.num_classes,
+                          in_domains=in_domains, patch_size=model.patch_size, pool=self.ft["pool"], num_global_tokens=model.num_global_tokens,
                           full_finetune=self.ft["protocol"] == "finetune")
         return FineTuneModel(model, head, in_domains, patch_size=model.patch_size,
                              freeze_encoder=self.ft["protocol"] != "finetune")
@@ -381,7 +383,13 @@ def main(cfg: dict) -> dict:
         check_output_dir(cfg, out)
         if info.is_main:
             save_config(cfg, out)
-        pretrained = read_pretraining_checkpoint(cfg["finetune"]["checkpoint"]) if cfg["finetune"]["checkpoint"] else None
+        path = cfg["finetune"]["checkpoint"]
+        pretrained = read_pretraining_checkpoint(path) if path else None
+        pre_norm = pretrained and pretrained["config"].get("data", {}).get("elevation_norm")
+        mmearth = cfg["finetune"]["dataset"] == "mmearth"
+        if info.is_main and mmearth and pre_norm and pre_norm != cfg["data"]["elevation_norm"]:
+            print(f"warning: data.elevation_norm is {cfg['data']['elevation_norm']!r} but the checkpoint was pretrained "
+                  f"with {pre_norm!r}", file=sys.stderr)
         if cfg["finetune"]["grid"]:
             return run_grid(cfg, info, pretrained)
         return run_one(cfg, info, list(cfg["in_domains"]), out, pretrained)

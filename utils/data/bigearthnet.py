@@ -98,7 +98,8 @@ def find_patches(root, cache_dir=None) -> tuple[dict[str, Path], dict[str, Path]
                 if partner:
                     s1[partner] = folder
     if not s2:
-        raise FileNotFoundError(f"no BigEarthNet S2 patch (<patch>/<patch>_B02.tif + _labels_metadata.json) under {root}")
+        raise FileNotFoundError(f"no BigEarthNet S2 patch (<patch>/<patch>_B02.tif + _labels_metadata.json) "
+                                f"under {root}")
     return s2, s1
 
 
@@ -110,7 +111,8 @@ def _split_names(root: Path, names: list[str], split: str) -> list[str]:
         return [n for n in wanted if n in names]
     n = len(names)
     k = max(1, round(0.2 * n)) if n >= 3 else 0
-    parts = {"train": names[: n - 2 * k] or names, "val": names[n - 2 * k: n - k] or names, "test": names[n - k:] or names}
+    parts = {"train": names[: n - 2 * k] or names, "val": names[n - 2 * k: n - k] or names,
+             "test": names[n - k:] or names}
     return parts[split]
 
 

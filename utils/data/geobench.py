@@ -310,7 +310,8 @@ class GeoBenchDataset(Dataset):
                  input_size: int | None = None, augment: bool = False, resize: bool = False, hflip: float = 0.5,
                  seed: int = 0) -> None:
         if task not in GEOBENCH_TASKS:
-            raise KeyError(f"unknown GEO-Bench task {task!r} (finetune.geobench_task); known: {', '.join(GEOBENCH_TASKS)}")
+            raise KeyError(f"unknown GEO-Bench task {task!r} (finetune.geobench_task); "
+                           f"known: {', '.join(GEOBENCH_TASKS)}")
         if split not in _SPLIT_KEYS:
             raise KeyError(f"unknown split {split!r}; use train, val or test")
         self.spec = GEOBENCH_TASKS[task]
@@ -383,7 +384,8 @@ class GeoBenchDataset(Dataset):
                 raise KeyError(f"{path}: segmentation sample without a 'label' dataset")
             lab = torch.from_numpy(h5["label"][()].astype(np.int64))
             if lab.numel() and (lab.min() < -1 or lab.max() >= k):
-                raise ValueError(f"{path}: label ids {int(lab.min())}..{int(lab.max())} outside the {k} classes 0..{k - 1}")
+                raise ValueError(f"{path}: label ids {int(lab.min())}..{int(lab.max())} "
+                                 f"outside the {k} classes 0..{k - 1}")
             return lab
         if "label" not in info:
             raise KeyError(f"{path}: the 'pickle' attribute has no 'label'")
