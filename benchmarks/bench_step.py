@@ -4,12 +4,14 @@ One step = forward (masking, encoder, decoders), loss, backward, AdamW step, on 
 shapes the config describes. The baseline is a plain timm ``VisionTransformer`` with the same
 width, depth and heads on the same number of encoder tokens (K visible + G global: a 1 x K patch
 grid plus a class token and G - 1 register tokens), trained with a trivial loss by its own AdamW,
-in the same process. Steps of the two models alternate, so both see the same machine state; the
-median over ``--steps`` timed steps is reported::
+in the same process. Steps of the two models alternate (ABBA order), so both see the same machine
+state; the median over ``--steps`` timed steps is reported::
 
     python benchmarks/bench_step.py --config cfgs/defaults.yaml --batch-size 8 --steps 10
 
-prints ``step_s``, ``baseline_step_s`` and ``ratio``; on CUDA also ``samples_per_s``,
+prints ``step_s``, ``baseline_step_s`` and ``ratio`` (and the 1-minute load average at the end:
+on a shared machine, other processes inflate every parallel kernel launch, the MultiMAE step has
+more of them than the bare ViT, so the ratio is only meaningful on an otherwise idle machine); on CUDA also ``samples_per_s``,
 ``tflops_per_step`` (counted with ``torch.utils.flop_counter``) and ``mfu`` against the bf16 dense
 peak of the GPU (H100: 989 TFLOPS, H200: 989 TFLOPS).
 """
@@ -17,6 +19,7 @@ peak of the GPU (H100: 989 TFLOPS, H200: 989 TFLOPS).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -86,7 +89,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--precision", default="auto", help="auto (bf16 on cuda, fp32 on cpu), fp32, bf16")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cfg = load_cfg(args.config)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -98,7 +104,9 @@ def main() -> None:
     model = build_multimae(cfg).to(device)
     criterion = build_criterion(cfg).to(device)
     params = list(model.parameters()) + list(criterion.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    # fused AdamW (one kernel per tensor, CPU and CUDA) for both models: torch's default on CPU is
+    # the per-tensor Python loop, which costs seconds per step for ViT-B on 2 cores.
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     inputs, valid = random_batch(cfg, args.batch_size, device)
 
     size = resolve_preset(cfg["model"]["preset"])
@@ -107,7 +115,7 @@ def main() -> None:
         img_size=(p, k * p), patch_size=p, in_chans=3, num_classes=0, embed_dim=size["dim"],
         depth=size["depth"], num_heads=size["heads"], class_token=True, reg_tokens=g - 1,
     ).to(device)
-    vit_opt = torch.optim.AdamW(vit.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    vit_opt = torch.optim.AdamW(vit.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     vit_x = torch.randn(args.batch_size, 3, p, k * p, device=device)
 
     def fwd_bwd_multimae() -> None:
@@ -120,30 +128,36 @@ def main() -> None:
             feats = vit.forward_features(vit_x)  # (B, K + G, D)
         feats.float().square().mean().backward()
 
-    def timed(fwd_bwd, optimizer) -> float:
+    def timed(fwd_bwd, optimizer) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         fwd_bwd()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
     times, base_times = [], []
     for i in range(args.warmup + args.steps):
-        t, tb = timed(fwd_bwd_multimae, opt), timed(fwd_bwd_vit, vit_opt)
+        if i % 2:  # alternate which model goes first, so neither profits from the order
+            tb, t = timed(fwd_bwd_vit, vit_opt), timed(fwd_bwd_multimae, opt)
+        else:
+            t, tb = timed(fwd_bwd_multimae, opt), timed(fwd_bwd_vit, vit_opt)
         if i >= args.warmup:
             times.append(t)
             base_times.append(tb)
-    step_s, base_s = statistics.median(times), statistics.median(base_times)
+    step_s, base_s = (statistics.median(t[0] for t in ts) for ts in (times, base_times))
+    cpu_s, base_cpu_s = (statistics.median(t[1] for t in ts) for ts in (times, base_times))
     print(f"device: {device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"precision: {precision}, threads: {torch.get_num_threads()}")
-    print(f"batch_size: {args.batch_size}, steps: {args.steps}, encoder_tokens: {k + g}")
+    print(f"batch_size: {args.batch_size}, steps: {args.steps}, encoder_tokens: {k + g}, "
+          f"load_avg_1min: {os.getloadavg()[0]:.2f}")
     print(f"step_s: {step_s:.4f}")
     print(f"baseline_step_s: {base_s:.4f}")
     print(f"ratio: {step_s / base_s:.3f}")
+    print(f"step_cpu_s: {cpu_s:.4f}  baseline_step_cpu_s: {base_cpu_s:.4f}  cpu_ratio: {cpu_s / base_cpu_s:.3f}")
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for key, v in BF16_PEAK_TFLOPS.items() if key in name), None)

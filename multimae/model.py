@@ -213,6 +213,8 @@ class MultiMAE(nn.Module):
             if name not in inputs:
                 raise ValueError(f"batch has no input domain {name!r} (in_domains: {self.in_domains})")
             x = inputs[name]
+            if DOMAINS[name].kind == "continuous" and not x.is_floating_point():
+                raise ValueError(f"domain {name!r}: expected a float tensor (B, C, H, W), got {x.dtype}")
             shapes[name] = tuple(x.shape[-2:]) + (x.shape[0],)
             if valid is not None and name in valid:
                 expected = (x.shape[0], *x.shape[-2:])

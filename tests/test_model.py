@@ -157,6 +157,7 @@ def _bad(cfg_change=None, batch_change=None, **forward):
         ({"batch_change": lambda i, v: i.pop("s2_nir")}, "no input domain 's2_nir'"),
         ({"batch_change": lambda i, v: i.update(s2_rgb=torch.zeros(3, 4, 16, 16))}, "'s2_rgb': expected 3 channels"),
         ({"batch_change": lambda i, v: i.update(worldcover=i["worldcover"].float())}, "'worldcover': expected an int64"),
+        ({"batch_change": lambda i, v: i.update(elevation=i["elevation"].long())}, "'elevation': expected a float"),
         ({"batch_change": lambda i, v: i.update(worldcover=i["worldcover"] + 20)}, "'worldcover': class ids"),
         ({"num_encoded_tokens": 25}, "masking.num_encoded_tokens"),
         ({"cfg_change": lambda c: c["masking"].update(num_encoded_tokens=25)}, "masking.num_encoded_tokens"),
