@@ -204,6 +204,12 @@ def test_per_tile_elevation_and_resize(mmearth_fileset):
     kept = np.sort(x.ravel()[10:])[9:81].astype(np.float64)
     np.testing.assert_allclose(standardize_per_tile(x, valid), (x - kept.mean()) / np.sqrt(kept.var(ddof=1) + 1e-6),
                                rtol=1e-5)
+    # a flat tile (trimmed std 0) with a few metres of relief at its edges is divided by the 1 m floor, not by 1e-3
+    flat = np.full((1, 1, 10, 10), 250.0, np.float32)
+    flat[0, 0, 0, :5] = 254.0
+    out = standardize_per_tile(flat, np.ones((1, 10, 10), bool))
+    np.testing.assert_allclose(out.max(), 4.0, rtol=1e-5)
+    np.testing.assert_allclose(out.min(), 0.0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- bad input

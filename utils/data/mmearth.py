@@ -65,12 +65,18 @@ def _representable(mod: Modality) -> tuple:
     return tuple(out)
 
 
-def standardize_per_tile(x: np.ndarray, valid: np.ndarray, low: float = 0.1, high: float = 0.9) -> np.ndarray:
+def standardize_per_tile(
+    x: np.ndarray, valid: np.ndarray, low: float = 0.1, high: float = 0.9, min_std: float = 1.0
+) -> np.ndarray:
     """Per-sample, per-channel standardisation on valid pixels trimmed to the [low, high) quantile range.
 
     The reference's ``standardize_depth`` (MultiMAE-EO, ``upstream_multimae_eo.md`` 4.4): sort the
     valid values, keep the central slice ``[int(low n), int(high n))``, then return
-    ``(x - mean) / sqrt(var + 1e-6)`` with the kept values' mean and unbiased variance.
+    ``(x - mean) / max(sqrt(var + 1e-6), min_std)`` with the kept values' mean and unbiased variance.
+
+    The ``min_std`` floor (in the units of ``x``: 1 metre for elevation) is our addition: on a flat tile
+    (water, ice sheet) the trimmed standard deviation is close to 0 and the reference's formula blows a
+    few metres of relief up to values in the hundreds, which then dominate the summed loss.
 
     Args:
         x: float32 (B, C, H, W), e.g. elevation in metres.
@@ -90,7 +96,7 @@ def standardize_per_tile(x: np.ndarray, valid: np.ndarray, low: float = 0.1, hig
         lo, hi = int(low * n), int(high * n)
         kept = np.partition(v, [lo, hi - 1], axis=-1)[..., lo:hi] if hi - lo >= 2 else v
         var = kept.var(-1, ddof=1, dtype=np.float64) if kept.shape[-1] > 1 else np.zeros(kept.shape[:-1])
-        return kept.mean(-1, dtype=np.float64), np.sqrt(var + 1e-6)
+        return kept.mean(-1, dtype=np.float64), np.maximum(np.sqrt(var + 1e-6), min_std)
 
     if full.any():
         mean[full], std[full] = trimmed(flat[full])
