@@ -34,10 +34,8 @@ $(DEMO_DATA)/terramesh64.h5: | $(STAMP)
 
 demo: $(STAMP) $(DEMO_DATA)/terramesh64.h5
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) run_pretraining.py --config cfgs/pretrain/demo.yaml data_path=$(DEMO_DATA) output_dir=$(DEMO)/pretrain
-	@if [ -f run_finetuning.py ]; then \
-		OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) run_finetuning.py --config cfgs/finetune/demo.yaml data_path=$(DEMO_DATA) \
-			finetune.checkpoint=$(DEMO)/pretrain/checkpoint-last.pth output_dir=$(DEMO)/finetune; \
-	fi
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) run_finetuning.py --config cfgs/finetune/demo.yaml data_path=$(DEMO_DATA) \
+		finetune.checkpoint=$(DEMO)/pretrain/checkpoint-last.pth output_dir=$(DEMO)/finetune
 	@echo ""
 	@echo "Demo outputs:"
 	@echo "  converted data        $(DEMO_DATA)/"
@@ -45,7 +43,7 @@ demo: $(STAMP) $(DEMO_DATA)/terramesh64.h5
 	@echo "  pretraining config    $(DEMO)/pretrain/config.yaml"
 	@echo "  checkpoint            $(DEMO)/pretrain/checkpoint-last.pth"
 	@echo "  reconstructions       $(DEMO)/pretrain/reconstructions/"
-	@if [ -d $(DEMO)/finetune ]; then echo "  fine-tuning           $(DEMO)/finetune/"; fi
+	@echo "  fine-tuning grid      $(DEMO)/finetune/results.json"
 
 clean-demo:
 	rm -rf $(DEMO)
