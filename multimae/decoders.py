@@ -230,8 +230,9 @@ def decode_all(
 
     Each decoder keeps its own parameters (``output_adapters.<domain>.*``); they are stacked per
     forward pass, so every layer becomes one batched matrix product (``baddbmm``) over the E
-    decoders instead of E small ones. This cuts the number of kernel launches about E-fold, which
-    dominates the decoders' cost at the reference geometry (49 queries of width 128 per decoder).
+    decoders instead of E small ones: about E-fold fewer kernel launches (meant for GPUs, where
+    launches dominate 49 queries of width 128). On a 2-core CPU the stacking costs more than it
+    saves (BENCHMARKS.md), so :class:`~multimae.model.MultiMAE` uses it on GPUs only.
 
     Args:
         decoders: Decoders with equal sizes and context domains (see :func:`can_batch`).
