@@ -243,12 +243,17 @@ class Trainer:
 
     @torch.no_grad()
     def pictures(self, log: RunLogger, tag: str) -> None:
-        """Reconstructions of the first ``vis.num_samples`` validation (else training) samples, rank 0."""
+        """Reconstructions of ``vis.num_samples`` validation (else training) samples, rank 0.
+
+        The samples are spread evenly over the split (neighbouring rows are often neighbouring tiles, or
+        the L1C and L2A tiles of one place), and are the same ones at every call.
+        """
         if not self.info.is_main:
             return
         dataset = self.val_set or self.train_set
         n = min(self.cfg["vis"]["num_samples"], len(dataset))
-        batch = self.engine.to_device(default_collate([dataset[i] for i in range(n)]))
+        rows = sorted({round(i * (len(dataset) - 1) / max(n - 1, 1)) for i in range(n)})
+        batch = self.engine.to_device(default_collate([dataset[i] for i in rows]))
         model = self.task.model
         model.eval()
         with torch.random.fork_rng(devices=[self.info.device] if self.info.device.type == "cuda" else []):
@@ -256,7 +261,7 @@ class Trainer:
             preds, masks = model(batch["inputs"], valid=batch["valid"], generator=gen)
         model.train()
         paths = save_reconstructions(self.out / "reconstructions", tag, batch["inputs"], batch["valid"], preds, masks,
-                                     patch_size=self.cfg["model"]["patch_size"], num_samples=n)
+                                     patch_size=self.cfg["model"]["patch_size"], num_samples=len(rows))
         log.log_images(self.progress.step, paths)
 
 
