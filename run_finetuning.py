@@ -34,7 +34,8 @@ from torch.utils.data import Subset
 from multimae.build import build_multimae
 from run_pretraining import make_loader
 from utils import checkpoint as ckpt
-from utils.config import build_arg_parser, check_output_dir, config_from_args, effective_lr, save_config
+from utils.config import (build_arg_parser, check_output_dir, config_from_args, effective_lr, save_config,
+                          user_errors)
 from utils.data.bigearthnet import BigEarthNetDataset
 from utils.data.geobench import GEOBENCH_TASKS, GeoBenchDataset
 from utils.data.mmearth_seg import MMEarthSegDataset
@@ -404,4 +405,5 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli(sys.argv[1:])
+    with user_errors():
+        cli(sys.argv[1:])

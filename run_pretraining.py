@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, default_collate
 from multimae.build import build_criterion, build_multimae, model_summary
 from utils import checkpoint as ckpt
 from utils.config import (build_arg_parser, check_output_dir, config_from_args, effective_lr, save_config,
-                          total_batch_size)
+                          total_batch_size, user_errors)
 from utils.data.mmearth import MMEarthDataset
 from utils.dist import DistInfo, all_gather_object, cleanup, init_distributed, seed_everything
 from utils.engine import Engine, evaluate, resolve_precision
@@ -318,4 +318,5 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli(sys.argv[1:])
+    with user_errors():
+        cli(sys.argv[1:])

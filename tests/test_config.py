@@ -66,3 +66,23 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"another run.*optim\.blr"):
         check_output_dir(other, tmp_path)
     check_output_dir(load_config(None, [f"output_dir={tmp_path}", "optim.blr=5e-4", "resume_anyway=true"]), tmp_path)
+
+
+def test_user_errors_print_one_line_and_exit_2(capsys, monkeypatch):
+    from utils.checkpoint import CheckpointError
+    from utils.config import user_errors
+
+    monkeypatch.delenv("MULTIMAE_TRACEBACK", raising=False)
+    for err in (ConfigError("cfg.yaml: unknown key 'optim.bl'"), KeyError("unknown domain 'depth'"),
+                CheckpointError("ckpt.pth is not a pretraining checkpoint")):
+        with pytest.raises(SystemExit) as exit_info, user_errors():
+            raise err
+        assert exit_info.value.code == 2
+        first = capsys.readouterr().err.splitlines()[0]
+        assert first.startswith("error: ") and "Traceback" not in first
+        assert str(err.args[0]) in first
+    with pytest.raises(RuntimeError, match="bug"), user_errors():  # not a user error: the traceback stays
+        raise RuntimeError("bug")
+    monkeypatch.setenv("MULTIMAE_TRACEBACK", "1")
+    with pytest.raises(ConfigError), user_errors():
+        raise ConfigError("x")

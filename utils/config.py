@@ -14,7 +14,10 @@ the user's keys, so ``config.yaml`` and checkpoints hold exactly what the user a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -197,6 +200,26 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> dict:
     """Resolve the config named by parsed ``build_arg_parser`` arguments."""
     return load_config(args.config, args.overrides)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn errors about the user's input into one ``error: ...`` line on stderr and exit status 2.
+
+    The errors the framework raises for a bad config, data file, domain name or checkpoint
+    (``ConfigError``, ``FileNotFoundError``, ``KeyError``, ``ValueError`` and the checkpoint /
+    non-finite-loss errors, which are ``RuntimeError`` subclasses named in ``kinds``) already name
+    the file and key; a traceback adds nothing for the user. ``MULTIMAE_TRACEBACK=1`` re-raises them.
+    """
+    kinds = ("CheckpointError", "NonFiniteLossError")
+    try:
+        yield
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+        if os.environ.get("MULTIMAE_TRACEBACK") or (isinstance(err, RuntimeError) and type(err).__name__ not in kinds):
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {msg}\n(MULTIMAE_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 def total_batch_size(cfg: dict, world_size: int) -> int:
