@@ -55,6 +55,7 @@ class _EpochSubset(Subset):
     """A label-fraction subset that forwards ``set_epoch`` to its dataset (for seeded augmentation)."""
 
     def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the wrapped dataset, which seeds its augmentation per (seed, epoch, index)."""
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
@@ -168,6 +169,7 @@ class FineTuner:
         return F.cross_entropy(logits.float(), label, ignore_index=-1)
 
     def task_step(self, batch: dict) -> dict:
+        """One forward pass of the (possibly DDP-wrapped) model: ``{"loss": fp32 scalar}``."""
         logits = self.engine.model(batch["inputs"], batch["valid"])
         return {"loss": self.loss(logits, batch["label"])}
 
@@ -216,12 +218,14 @@ class FineTuner:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
+        """The fine-tuning checkpoint dict; gathers every rank's RNG state, so all ranks call it."""
         return {"model": self.net.state_dict(), "optimizer": self.engine.optimizer.state_dict(),
                 **self.engine.state_dict(), "epoch": self.epoch, "best": self.best, "history": self.history,
                 "config": self.cfg, "in_domains": self.net.in_domains, "kind": CHECKPOINT_KIND,
                 "rng": all_gather_object(ckpt.rng_state())}
 
     def resume(self, path: Path, log: RunLogger) -> None:
+        """Restore model, optimizer, scaler, epoch, best score, history and RNG states from ``path``."""
         state = ckpt.load_checkpoint(path)
         if state.get("kind") != CHECKPOINT_KIND:
             raise ckpt.CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint, not {CHECKPOINT_KIND!r}")
@@ -234,6 +238,7 @@ class FineTuner:
         log.write(f"resumed from {path} at epoch {self.epoch}")
 
     def save(self, name: str, state: dict | None = None) -> None:
+        """Write ``state`` (default: the current one) atomically to ``<output_dir>/<name>`` on rank 0."""
         state = state if state is not None else self.state()
         if self.info.is_main:
             ckpt.save_checkpoint(state, self.out / name)

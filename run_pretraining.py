@@ -54,6 +54,7 @@ class PretrainTask(nn.Module):
         return {f"model.{n}" for n in self.model.no_weight_decay()}
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        """Masked forward and losses of a batch (docs/DESIGN.md batch contract); ``generator`` seeds the masks."""
         preds, masks = self.model(batch["inputs"], valid=batch["valid"], generator=generator)
         losses = self.criterion(preds, batch["inputs"], masks, batch["valid"])
         return {"loss": losses["loss"], **{f"loss_{d}": v for d, v in losses.items() if d != "loss"}}
@@ -152,6 +153,7 @@ class Trainer:
         }
 
     def save(self, *names: str) -> None:
+        """Write the checkpoint atomically under each of ``names`` in ``output_dir`` (rank 0; all ranks call)."""
         state = self.state()
         if self.info.is_main:
             for name in names:
@@ -178,6 +180,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def finished(self) -> bool:
+        """True once ``epochs`` are done or ``max_steps`` optimizer steps are reached."""
         cap = self.cfg["max_steps"]
         return self.progress.epoch >= self.cfg["epochs"] or (cap is not None and self.progress.step >= cap)
 
@@ -239,6 +242,7 @@ class Trainer:
         self.save(*names)
 
     def task_step(self, batch: dict) -> dict:
+        """One forward pass of the (possibly DDP-wrapped) task: ``{"loss", "loss_<domain>"}``."""
         return self.engine.model(batch)
 
     @torch.no_grad()

@@ -145,6 +145,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     """
 
     def find_class(self, module: str, name: str):
+        """Allow only the known geobench / rasterio / affine / numpy classes; refuse everything else."""
         if (module, name) in _REAL_CLASSES:
             return _REAL_CLASSES[(module, name)]
         if ((module, name) in _STANDIN_CLASSES or _STANDIN_MODULES.match(module)) and name.isidentifier():
