@@ -239,7 +239,7 @@ def canonical_band_name(modality: str, band: str) -> str:
 
     Other modalities' band names are returned unchanged.
     """
-    if modality.startswith("sentinel2") and modality == "sentinel2":
+    if modality == "sentinel2":
         m = _S2_ALIAS.match(band.strip())
         if m:
             num = m.group(1).upper()
