@@ -13,9 +13,9 @@ writes one table, with the score of the majority-class baseline. Results: ``<out
 ``checkpoint-best.pth`` and evaluated on test at the end. Re-running a command resumes from
 ``checkpoint-last.pth`` (saved at each epoch end). Every key: ``cfgs/defaults.yaml``.
 
-Shared with ``run_pretraining.py``: config, torchrun set-up, loaders (``make_loader``), optimiser groups and
-schedule, the engine, checkpoints and the logger; what this script owns is the task step, evaluation, the
-pretrained-weight load (``utils.finetune``) and the grid.
+Shared with ``run_pretraining.py``: config, torchrun set-up, loaders (``utils.sampler.make_loader``), optimiser
+groups and schedule, the engine, checkpoints and the logger; what this script owns is the task step, evaluation,
+the pretrained-weight load (``utils.finetune``) and the grid.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from multimae.build import build_multimae
-from run_pretraining import make_loader
 from utils import checkpoint as ckpt
 from utils.config import (build_arg_parser, check_output_dir, config_from_args, effective_lr, save_config,
                           user_errors)
@@ -46,6 +45,7 @@ from utils.finetune import (FineTuneModel, build_head, default_layer_decay, fine
 from utils.logger import RunLogger
 from utils.metrics import DEFAULT_METRIC, TaskMetrics, format_table
 from utils.optim import build_optimizer, cosine_lr, param_groups, set_lr
+from utils.sampler import make_loader
 
 CHECKPOINT_KIND = "multimae_finetuning"
 PROTOCOLS = ("finetune", "linear_probe", "knn")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import default_collate
 
 from multimae.build import build_criterion, build_multimae, model_summary
 from utils import checkpoint as ckpt
@@ -33,7 +33,7 @@ from utils.dist import DistInfo, all_gather_object, cleanup, init_distributed, s
 from utils.engine import Engine, evaluate, resolve_precision
 from utils.logger import RunLogger, truncate_log
 from utils.optim import build_optimizer, cosine_lr, param_groups, set_lr
-from utils.sampler import ResumableDistributedSampler
+from utils.sampler import make_loader
 from utils.visualize import save_reconstructions
 
 CHECKPOINT_KIND = "multimae_pretraining"
@@ -87,18 +87,6 @@ def build_datasets(cfg: dict) -> tuple[MMEarthDataset, MMEarthDataset | None]:
     if data["val_split"] and data["val_split"] in train.split_names:
         val = MMEarthDataset(cfg["data_path"], domains, data["val_split"], augment=False, **common)
     return train, val
-
-
-def make_loader(dataset, cfg: dict, info: DistInfo, *, train: bool) -> tuple[DataLoader, torch.Generator]:
-    """DataLoader over a resumable sampler, with its own generator: creating an iterator draws the
-    worker base seed from that generator instead of the global torch RNG, which the masks use."""
-    sampler = ResumableDistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=train,
-                                          seed=cfg["seed"], drop_last=train)
-    generator = torch.Generator().manual_seed(cfg["seed"])
-    loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
-                        pin_memory=cfg["data"]["pin_memory"] and info.device.type == "cuda", drop_last=train,
-                        generator=generator, persistent_workers=False)
-    return loader, generator
 
 
 class Trainer:

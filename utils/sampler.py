@@ -3,16 +3,20 @@
 ``torch.utils.data.DistributedSampler`` shuffles with a generator seeded by ``seed + epoch``, so
 an epoch's order is reproducible; what it lacks is a way to skip the samples a rank already
 consumed before an interruption. ``ResumableDistributedSampler.set_epoch(epoch, start=k)`` drops
-the first ``k`` indices of this rank's order for that epoch only.
+the first ``k`` indices of this rank's order for that epoch only. ``make_loader`` builds the
+DataLoader both run scripts use over it.
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
-from torch.utils.data import Dataset, DistributedSampler
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ResumableDistributedSampler"]
+from utils.dist import DistInfo
+
+__all__ = ["ResumableDistributedSampler", "make_loader"]
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -72,3 +76,15 @@ class ResumableDistributedSampler(DistributedSampler):
                 f"with seed {self.seed} / {self.num_replicas} processes"
             )
         self.set_epoch(state["epoch"], state["start"])
+
+
+def make_loader(dataset, cfg: dict, info: DistInfo, *, train: bool) -> tuple[DataLoader, torch.Generator]:
+    """DataLoader over a resumable sampler, with its own generator: creating an iterator draws the
+    worker base seed from that generator instead of the global torch RNG, which the masks use."""
+    sampler = ResumableDistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=train,
+                                          seed=cfg["seed"], drop_last=train)
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
+                        pin_memory=cfg["data"]["pin_memory"] and info.device.type == "cuda", drop_last=train,
+                        generator=generator, persistent_workers=False)
+    return loader, generator
