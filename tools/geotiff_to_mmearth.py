@@ -47,7 +47,8 @@ from multimae.domains import MODALITIES, band_indices  # noqa: E402
 from utils.data.geotiff_spec import (  # noqa: E402
     ConversionError, ConversionSpec, Scene, SourceSpec, find_scenes, load_spec, open_scene,
 )
-from utils.data.mmearth_writer import MMEarthWriter, invalid_mask, make_splits  # noqa: E402
+from utils.data.mmearth_files import invalid_mask  # noqa: E402
+from utils.data.mmearth_writer import MMEarthWriter, make_splits  # noqa: E402
 
 __all__ = ["convert", "slope_degrees", "main"]
 

@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 from multimae.domains import IGNORE_INDEX, Domain, Modality, get_domain, get_modality
 from utils.data.h5rows import RowReader, splitmix64
 from utils.data.mmearth_files import (
-    S2_PRODUCTS, check_modality_dataset, load_band_stats, load_splits, read_s2_products, resolve_fileset,
+    S2_PRODUCTS, check_modality_dataset, invalid_mask, load_band_stats, load_splits, read_s2_products,
+    resolve_fileset,
 )
 
 __all__ = ["MMEarthDataset", "standardize_per_tile"]
@@ -48,21 +49,7 @@ class _Plan:
     scale: np.ndarray | None = None      # float32 (P, C): 1 / std per product P (P = 2 for Sentinel-2)
     offset: np.ndarray | None = None     # float32 (P, C): -mean / std
     lut: np.ndarray | None = None        # categorical: stored value -> class id or IGNORE_INDEX
-    nodata: tuple = ()                   # finite no-data values representable in the stored dtype
     stats_keys: tuple[str, ...] = ()
-
-
-def _representable(mod: Modality) -> tuple:
-    """The modality's finite no-data values that its stored dtype can hold (NaN / inf are checked apart)."""
-    dt = np.dtype(mod.dtype)
-    out = []
-    for v in mod.nodata:
-        if not np.isfinite(v):
-            continue
-        if dt.kind in "iu" and not (np.iinfo(dt).min <= v <= np.iinfo(dt).max and float(v).is_integer()):
-            continue
-        out.append(dt.type(v))
-    return tuple(out)
 
 
 def standardize_per_tile(
@@ -207,7 +194,7 @@ class MMEarthDataset(Dataset):
         present = sorted({S2_PRODUCTS[p] for p in np.unique(self._products[self._rows])}) if needs_s2 else []
         for d in self._loaded:
             mod = self._modalities[d.modality]
-            plan = _Plan(d, mod, np.asarray(d.band_indices, dtype=np.int64), nodata=_representable(mod))
+            plan = _Plan(d, mod, np.asarray(d.band_indices, dtype=np.int64))
             if mod.kind == "continuous":
                 plan.per_tile = (self.elevation_norm == "per_tile" and d.modality == "aster"
                                  and tuple(d.bands) == ("elevation",))
@@ -376,10 +363,7 @@ class MMEarthDataset(Dataset):
         if mod.kind == "categorical":
             labels = plan.lut[sub[:, 0].view(f"u{sub.dtype.itemsize}")]
             return labels, labels != IGNORE_INDEX
-        invalid = ~np.isfinite(sub) if sub.dtype.kind == "f" else np.zeros(sub.shape, bool)
-        for nd in plan.nodata:
-            invalid |= sub == nd
-        valid = ~invalid.any(1)
+        valid = ~invalid_mask(mod, sub).any(1)
         if mod.kind == "flags":
             return np.where(valid, sub[:, 0], 0).astype(np.int64), valid
         if plan.per_tile:

@@ -17,10 +17,23 @@ import numpy as np
 from multimae.domains import Modality
 
 __all__ = ["MMEarthFiles", "resolve_fileset", "load_splits", "load_band_stats", "read_s2_products",
-           "check_modality_dataset", "S2_PRODUCTS"]
+           "check_modality_dataset", "invalid_mask", "S2_PRODUCTS"]
 
 #: Sentinel-2 product levels, in the order of the product codes used by the dataset (0 = l1c, 1 = l2a).
 S2_PRODUCTS = ("l1c", "l2a")
+
+
+def invalid_mask(modality: Modality, x: np.ndarray) -> np.ndarray:
+    """True where ``x`` (stored values) holds one of ``modality``'s no-data values (or NaN / inf for float data).
+
+    The one no-data test of the code base: the dataset's validity masks, the writer's band stats and
+    the converter's valid fractions all use it.
+    """
+    bad = np.zeros(x.shape, bool) if x.dtype.kind in "iu" else ~np.isfinite(x)
+    for value in modality.nodata:
+        if np.isfinite(value):
+            bad |= x == value
+    return bad
 
 
 @dataclass(frozen=True)

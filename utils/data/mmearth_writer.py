@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from multimae.domains import MODALITIES, Modality
+from utils.data.mmearth_files import invalid_mask
 
 __all__ = ["METADATA_DTYPE", "S2_TYPES", "BandStats", "MMEarthWriter", "make_splits"]
 
@@ -27,15 +28,6 @@ __all__ = ["METADATA_DTYPE", "S2_TYPES", "BandStats", "MMEarthWriter", "make_spl
 METADATA_DTYPE = np.dtype([("tile_id", "S100"), ("S2_type", "S10")])
 #: Sentinel-2 product levels MMEarth distinguishes.
 S2_TYPES = ("l1c", "l2a")
-
-
-def invalid_mask(modality: Modality, x: np.ndarray) -> np.ndarray:
-    """True where ``x`` holds one of ``modality``'s no-data values (or NaN / inf for float data)."""
-    bad = np.zeros(x.shape, bool) if x.dtype.kind in "iu" else ~np.isfinite(x)
-    for value in modality.nodata:
-        if np.isfinite(value):
-            bad |= x == value
-    return bad
 
 
 class BandStats:
