@@ -20,14 +20,12 @@ import h5py
 import numpy as np
 
 from multimae.domains import MODALITIES, Modality
-from utils.data.mmearth_files import invalid_mask
+from utils.data.mmearth_files import S2_PRODUCTS, invalid_mask
 
-__all__ = ["METADATA_DTYPE", "S2_TYPES", "BandStats", "MMEarthWriter", "make_splits"]
+__all__ = ["METADATA_DTYPE", "BandStats", "MMEarthWriter", "make_splits"]
 
 #: The ``metadata`` compound dtype of MMEarth files.
 METADATA_DTYPE = np.dtype([("tile_id", "S100"), ("S2_type", "S10")])
-#: Sentinel-2 product levels MMEarth distinguishes.
-S2_TYPES = ("l1c", "l2a")
 
 
 class BandStats:
@@ -129,7 +127,7 @@ class MMEarthWriter:
         for mod in MODALITIES.values():
             if mod.kind != "continuous":
                 continue
-            for s2_type in S2_TYPES if mod.stats_key == "sentinel2" else ("",):
+            for s2_type in S2_PRODUCTS if mod.stats_key == "sentinel2" else ("",):
                 self.stats[_stats_key(mod, s2_type)] = BandStats(len(mod.bands))
         self.tile_info: dict[str, dict] = {}
 
@@ -165,8 +163,8 @@ class MMEarthWriter:
                 self._update_stats(mod, x, s2_types)
         meta = np.zeros(n, METADATA_DTYPE)
         for i, (tile_id, s2_type, info) in enumerate(zip(tile_ids, s2_types, infos)):
-            if s2_type not in S2_TYPES:
-                raise ValueError(f"tile {tile_id!r}: S2_type {s2_type!r} is not one of {S2_TYPES}")
+            if s2_type not in S2_PRODUCTS:
+                raise ValueError(f"tile {tile_id!r}: S2_type {s2_type!r} is not one of {S2_PRODUCTS}")
             if len(tile_id.encode()) > 100 or not tile_id.isascii():
                 raise ValueError(f"tile id {tile_id!r} is not ASCII of at most 100 bytes (metadata S100)")
             if tile_id in self.tile_info:
@@ -181,7 +179,7 @@ class MMEarthWriter:
             self.stats[mod.stats_key].update(x, invalid)
             return
         kinds = np.array(s2_types)
-        for s2_type in S2_TYPES:
+        for s2_type in S2_PRODUCTS:
             rows = kinds == s2_type
             if rows.any():
                 self.stats[f"sentinel2_{s2_type}"].update(x[rows], invalid[rows])
