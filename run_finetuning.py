@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from multimae.build import build_multimae
@@ -39,7 +38,7 @@ from utils.data.bigearthnet import BigEarthNetDataset
 from utils.data.geobench import GEOBENCH_TASKS, GeoBenchDataset
 from utils.data.mmearth_seg import MMEarthSegDataset
 from utils.dist import DistInfo, all_gather_object, cleanup, init_distributed, seed_everything
-from utils.engine import Engine, autocast, resolve_precision
+from utils.engine import autocast, build_engine
 from utils.finetune import (FineTuneModel, build_head, default_layer_decay, finetune_config, knn_scores,
                             label_fraction_indices, load_backbone, read_pretraining_checkpoint)
 from utils.logger import RunLogger
@@ -139,13 +138,8 @@ class FineTuner:
         ld = (default_layer_decay(self.task) if ld is None else ld) if self.ft["protocol"] == "finetune" else None
         groups = param_groups(self.net, cfg["optim"]["weight_decay"], decay_everything=cfg["optim"]["decay_everything"],
                               layer_decay=ld, num_layers=self.net.model.depth)
-        wrapped = self.net
-        if info.world_size > 1 and self.ft["protocol"] != "knn":
-            ids = [info.local_rank] if info.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(self.net, device_ids=ids)
-        self.engine = Engine(wrapped, build_optimizer(groups, cfg["optim"], self.lr), device=info.device,
-                             precision=resolve_precision(cfg["precision"], info.device),
-                             clip_grad=cfg["optim"]["clip_grad"], max_nonfinite_steps=cfg["max_nonfinite_steps"])
+        self.engine = build_engine(self.net, build_optimizer(groups, cfg["optim"], self.lr), cfg, info,
+                                   ddp=self.ft["protocol"] != "knn")
         self.metrics = TaskMetrics(self.task, self.num_classes, info.device)
         self.epoch, self.best, self.history = 0, None, []
 
@@ -219,9 +213,8 @@ class FineTuner:
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
         """The fine-tuning checkpoint dict; gathers every rank's RNG state, so all ranks call it."""
-        return {"model": self.net.state_dict(), "optimizer": self.engine.optimizer.state_dict(),
-                **self.engine.state_dict(), "epoch": self.epoch, "best": self.best, "history": self.history,
-                "config": self.cfg, "in_domains": self.net.in_domains, "kind": CHECKPOINT_KIND,
+        return {"model": self.net.state_dict(), **self.engine.state_dict(), "epoch": self.epoch, "best": self.best,
+                "history": self.history, "config": self.cfg, "in_domains": self.net.in_domains, "kind": CHECKPOINT_KIND,
                 "rng": all_gather_object(ckpt.rng_state())}
 
     def resume(self, path: Path, log: RunLogger) -> None:
@@ -230,7 +223,6 @@ class FineTuner:
         if state.get("kind") != CHECKPOINT_KIND:
             raise ckpt.CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint, not {CHECKPOINT_KIND!r}")
         ckpt.load_state_checked(self.net, state["model"], what=f"fine-tuning model ({path})")
-        self.engine.optimizer.load_state_dict(state["optimizer"])
         self.engine.load_state_dict(state)
         self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
         if len(state["rng"]) == self.info.world_size:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 
 from multimae.build import build_criterion, build_multimae, model_summary
@@ -30,7 +29,7 @@ from utils.config import (build_arg_parser, check_output_dir, config_from_args, 
                           total_batch_size, user_errors)
 from utils.data.mmearth import MMEarthDataset
 from utils.dist import DistInfo, all_gather_object, cleanup, init_distributed, seed_everything
-from utils.engine import Engine, evaluate, resolve_precision
+from utils.engine import build_engine, evaluate
 from utils.logger import RunLogger, truncate_log
 from utils.optim import build_optimizer, cosine_lr, param_groups, set_lr
 from utils.sampler import make_loader
@@ -115,14 +114,8 @@ class Trainer:
         optimizer = build_optimizer(groups, optim, self.lr)
         if cfg["compile"]:
             self.task.model.compile()  # in place: state-dict keys stay free of torch.compile's prefix
-        wrapped = self.task
-        if info.world_size > 1:
-            # Every adapter and decoder takes part in every step, so no find_unused_parameters.
-            device_ids = [info.local_rank] if info.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(self.task, device_ids=device_ids)
-        self.engine = Engine(wrapped, optimizer, device=info.device,
-                             precision=resolve_precision(cfg["precision"], info.device),
-                             clip_grad=optim["clip_grad"], max_nonfinite_steps=cfg["max_nonfinite_steps"])
+        # Every adapter and decoder takes part in every step, so DDP needs no find_unused_parameters.
+        self.engine = build_engine(self.task, optimizer, cfg, info)
         self.progress = Progress()
 
     # ------------------------------------------------------------------ checkpoints
@@ -133,7 +126,7 @@ class Trainer:
         per_rank = p.epoch_step * self.cfg["accum_steps"] * self.cfg["batch_size"]
         return {
             "model": self.task.model.state_dict(), "criterion": self.task.criterion.state_dict(),
-            "optimizer": self.engine.optimizer.state_dict(), **self.engine.state_dict(),
+            **self.engine.state_dict(),
             "step": p.step, "epoch": p.epoch, "epoch_step": p.epoch_step, "rng": rngs,
             "sampler": {"epoch": p.epoch, "start": per_rank, "seed": self.cfg["seed"],
                         "num_replicas": self.info.world_size},
@@ -154,7 +147,6 @@ class Trainer:
             raise ckpt.CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint, not {CHECKPOINT_KIND!r}")
         ckpt.load_state_checked(self.task.model, state["model"], what=f"model ({path})")
         ckpt.load_state_checked(self.task.criterion, state["criterion"], what=f"criterion ({path})")
-        self.engine.optimizer.load_state_dict(state["optimizer"])
         self.engine.load_state_dict(state)
         self.progress = Progress(state["step"], state["epoch"], state["epoch_step"])
         if self.info.is_main:  # records after the checkpoint are repeated by this run

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.dist import all_reduce_mean
+from utils.dist import DistInfo, all_reduce_mean
 
-__all__ = ["resolve_precision", "autocast", "NonFiniteLossError", "StepOutput", "Engine", "evaluate"]
+__all__ = ["resolve_precision", "autocast", "NonFiniteLossError", "StepOutput", "Engine", "build_engine", "evaluate"]
 
 StepFn = Callable[[dict], dict]
 
@@ -165,16 +165,32 @@ class Engine:
         return StepOutput(values, float(grad_norm))
 
     def state_dict(self) -> dict:
-        """Scaler state and the non-finite counters (plain types)."""
-        return {"scaler": self.scaler.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
-                "nonfinite_total": self.nonfinite_total}
+        """Optimizer and scaler states and the non-finite counters (plain types)."""
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` saved."""
+        self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+
+
+def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: dict, info: DistInfo, *,
+                 ddp: bool = True) -> Engine:
+    """The engine of a run from config keys ``precision``, ``optim.clip_grad`` and ``max_nonfinite_steps``.
+
+    With several processes (and ``ddp``) ``module`` is wrapped in DDP, without ``find_unused_parameters``:
+    every trainable parameter of both run scripts' modules takes part in every step.
+    """
+    model = module
+    if ddp and info.world_size > 1:
+        device_ids = [info.local_rank] if info.device.type == "cuda" else None
+        model = DistributedDataParallel(module, device_ids=device_ids)
+    return Engine(model, optimizer, device=info.device, precision=resolve_precision(cfg["precision"], info.device),
+                  clip_grad=cfg["optim"]["clip_grad"], max_nonfinite_steps=cfg["max_nonfinite_steps"])
 
 
 @torch.no_grad()
