@@ -69,6 +69,7 @@ class Modality:
         notes: Documented quirks.
         fill: The value a writer stores where the data is missing; ``None`` means the first ``nodata``
             value. MMEarth-data writes 255 for SCL and WorldCover.
+        valid_min: Smallest valid stored value; anything below it is no-data too (``None``: no bound).
     """
 
     name: str
@@ -84,6 +85,7 @@ class Modality:
     class_colors: tuple[str, ...] = ()
     notes: str = ""
     fill: float | None = None
+    valid_min: float | None = None
 
     @property
     def fill_value(self) -> float | None:
@@ -176,7 +178,7 @@ MODALITIES: dict[str, Modality] = {
         ),
         Modality(
             "canopy_height_eth", ("height", "std"), "int8", "canopy height and its std (metres)", "pixel",
-            "continuous", nodata=(-128, -1), stats_key="canopy_height_eth",
+            "continuous", nodata=(-128, -1), valid_min=0, stats_key="canopy_height_eth",
             notes="The writer's placeholder 255 cannot be stored in int8; negative values are treated as no-data.",
         ),
         Modality(

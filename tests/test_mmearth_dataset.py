@@ -94,12 +94,17 @@ def test_nodata_becomes_mask_or_ignore(tmp_path):
         s2 = h5["sentinel2"][...]
         s2[:, 3, 5, 5] = 0  # B04 missing at (5, 5): s2_rgb invalid there, s2_nir still valid
         h5["sentinel2"][...] = s2
-    ds = MMEarthDataset(folder, ["s2_rgb", "s2_nir", "s1", "s1_desc", "worldcover", "dynamic_world"], indices=[0, 1])
+        canopy = h5["canopy_height_eth"][...]
+        canopy[0, 0, 6, 6:9] = [-5, 0, 7]  # any negative height is no-data (int8 cannot hold the writer's 255)
+        h5["canopy_height_eth"][...] = canopy
+    ds = MMEarthDataset(folder, ["s2_rgb", "s2_nir", "s1", "s1_desc", "worldcover", "dynamic_world", "canopy_height"],
+                        indices=[0, 1])
     b0, b1 = ds[0], ds[1]
     assert b0["inputs"]["worldcover"][0, :4].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 0, 10]
     assert b0["inputs"]["dynamic_world"][0, :3].tolist() == [IGNORE_INDEX, 0, 8]
     assert not b0["valid"]["s2_rgb"][5, 5] and (b0["inputs"]["s2_rgb"][:, 5, 5] == 0).all()
     assert b0["valid"]["s2_nir"][5, 5]
+    assert b0["valid"]["canopy_height"][6, 6:9].tolist() == [False, True, True]
     assert not b1["valid"]["s1"][2, 3] and not b1["valid"]["s1"][4, 4]
     assert not b0["valid"]["s1_desc"].any()  # the fixture drops the descending orbit on row 0
     for s in (b0, b1):

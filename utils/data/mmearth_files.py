@@ -24,7 +24,8 @@ S2_PRODUCTS = ("l1c", "l2a")
 
 
 def invalid_mask(modality: Modality, x: np.ndarray) -> np.ndarray:
-    """True where ``x`` (stored values) holds one of ``modality``'s no-data values (or NaN / inf for float data).
+    """True where ``x`` (stored values) holds one of ``modality``'s no-data values, lies below its
+    ``valid_min``, or is NaN / inf.
 
     The one no-data test of the code base: the dataset's validity masks, the writer's band stats and
     the converter's valid fractions all use it.
@@ -33,6 +34,8 @@ def invalid_mask(modality: Modality, x: np.ndarray) -> np.ndarray:
     for value in modality.nodata:
         if np.isfinite(value):
             bad |= x == value
+    if modality.valid_min is not None:
+        bad |= x < modality.valid_min
     return bad
 
 
