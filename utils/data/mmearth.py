@@ -216,11 +216,9 @@ class MMEarthDataset(Dataset):
         for plan in plans:
             if not plan.stats_keys:
                 continue
-            rows = [plan.stats_keys[0]] * len(S2_PRODUCTS) if plan.modality.stats_key == "sentinel2" else []
-            for p, prod in enumerate(S2_PRODUCTS):
-                if f"sentinel2_{prod}" in plan.stats_keys:
-                    rows[p] = f"sentinel2_{prod}"
-            rows = rows or [plan.stats_keys[0]]
+            rows = plan.stats_keys
+            if plan.modality.stats_key == "sentinel2":  # row p = product code p; an absent product borrows a row
+                rows = [f"sentinel2_{p}" if f"sentinel2_{p}" in rows else rows[0] for p in S2_PRODUCTS]
             std = np.stack([stats[k]["std"][plan.idx] for k in rows])
             mean = np.stack([stats[k]["mean"][plan.idx] for k in rows])
             plan.scale = (1.0 / std).astype(np.float32)
