@@ -31,8 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from multimae.build import build_criterion, build_multimae, resolve_preset  # noqa: E402
-from multimae.domains import DOMAINS  # noqa: E402
+from multimae.build import build_criterion, build_multimae, random_inputs, resolve_preset  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -54,22 +53,6 @@ def load_cfg(path: str) -> dict:
         return base
 
     return merge(cfg, yaml.safe_load(Path(path).read_text()) or {})
-
-
-def random_batch(cfg: dict, batch_size: int, device: torch.device) -> tuple[dict, dict]:
-    """Random inputs and all-True validity masks for every in/out domain of the config."""
-    size = cfg["data"]["input_size"]
-    inputs, valid = {}, {}
-    for name in dict.fromkeys(cfg["in_domains"] + cfg["out_domains"]):
-        dom = DOMAINS[name]
-        if dom.source is not None:
-            continue
-        if dom.kind == "categorical":
-            inputs[name] = torch.randint(0, dom.num_classes, (batch_size, size, size), device=device)
-        else:
-            inputs[name] = torch.randn(batch_size, dom.num_channels, size, size, device=device)
-        valid[name] = torch.ones(batch_size, size, size, dtype=torch.bool, device=device)
-    return inputs, valid
 
 
 def count_flops(fn) -> float:
@@ -107,7 +90,7 @@ def main() -> None:
     # fused AdamW (one kernel per tensor, CPU and CUDA) for both models: torch's default on CPU is
     # the per-tensor Python loop, which costs seconds per step for ViT-B on 2 cores.
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
-    inputs, valid = random_batch(cfg, args.batch_size, device)
+    inputs, valid = random_inputs(cfg, args.batch_size, device=device)
 
     size = resolve_preset(cfg["model"]["preset"])
     k, g, p = cfg["masking"]["num_encoded_tokens"], cfg["model"]["num_global_tokens"], cfg["model"]["patch_size"]

@@ -13,7 +13,8 @@ large    1024   24     16     ViT-L
 
 ``model.preset`` may also be a mapping ``{dim: ..., depth: ..., heads: ...}`` (tests use tiny
 custom sizes). Config keys read: ``in_domains``, ``out_domains``, ``data.input_size``,
-``model.*``, ``masking.*`` and ``loss.*`` (see ``cfgs/defaults.yaml``).
+``model.*``, ``masking.*`` and ``loss.*`` (see ``cfgs/defaults.yaml``). :func:`random_inputs` makes a
+random batch of the shapes a config describes (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from multimae.criterion import MultiMAECriterion
 from multimae.domains import DOMAINS
 from multimae.model import MultiMAE
 
-__all__ = ["PRESETS", "build_multimae", "build_criterion", "model_summary", "resolve_preset"]
+__all__ = ["PRESETS", "build_multimae", "build_criterion", "model_summary", "random_inputs", "resolve_preset"]
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"dim": 192, "depth": 12, "heads": 3},
@@ -135,6 +138,45 @@ def build_criterion(cfg: dict, out_domains: Sequence[str] | None = None) -> Mult
         weighting=_get(cfg, "loss.weighting", str),
         loss_on_unmasked=_get(cfg, "loss.loss_on_unmasked", bool),
     )
+
+
+def random_inputs(
+    cfg: dict,
+    batch_size: int,
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Random ``inputs`` and all-valid ``valid`` for every domain the batch of ``cfg`` carries.
+
+    Covers ``in_domains`` and ``out_domains`` except output-only domains (they read their source),
+    drawn in that order: float32 (B, C, H, W) standard normal for continuous domains, int64 (B, H, W)
+    class ids 0..K-1 for class maps, at ``data.input_size``.
+
+    Args:
+        cfg: Resolved config.
+        batch_size: Samples B.
+        device: Device of the tensors.
+        generator: Optional generator (on ``device``); torch's global RNG otherwise.
+
+    Returns:
+        ``(inputs, valid)`` as in the batch contract (docs/DESIGN.md); ``valid`` is all True, one
+        tensor per domain.
+    """
+    size = _positive_int(cfg, "data.input_size")
+    inputs, valid = {}, {}
+    for name in dict.fromkeys(_domain_list(cfg, "in_domains", None) + _domain_list(cfg, "out_domains", None)):
+        dom = DOMAINS[name]
+        if dom.source is not None:
+            continue
+        if dom.kind == "categorical":
+            shape = (batch_size, size, size)
+            inputs[name] = torch.randint(0, dom.num_classes, shape, generator=generator, device=device)
+        else:
+            shape = (batch_size, dom.num_channels, size, size)
+            inputs[name] = torch.randn(shape, generator=generator, device=device)
+        valid[name] = torch.ones(batch_size, size, size, dtype=torch.bool, device=device)
+    return inputs, valid
 
 
 def _count(module) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from multimae.domains import DOMAINS
+from multimae.build import random_inputs
 
 DEFAULTS = yaml.safe_load((Path(__file__).resolve().parents[1] / "cfgs" / "defaults.yaml").read_text())
 
@@ -27,25 +27,18 @@ def tiny_cfg(input_size: int = 16, **masking) -> dict:
 def random_batch(cfg: dict, batch_size: int = 3, *, seed: int = 0, invalid: bool = True) -> tuple[dict, dict]:
     """Random inputs {domain: tensor} and validity {domain: bool (B, H, W)} for every domain of ``cfg``.
 
-    With ``invalid``, the top-left 8 x 8 patch of sample 0 is no-data in every domain and a few
-    pixels elsewhere are invalid; invalid pixels hold 0 (continuous) or -1 (class maps), as the
-    datasets deliver them.
+    :func:`multimae.build.random_inputs` with a seeded generator. With ``invalid``, the top-left
+    8 x 8 patch of sample 0 is no-data in every domain and a few pixels elsewhere are invalid;
+    invalid pixels hold 0 (continuous) or -1 (class maps), as the datasets deliver them.
     """
-    gen = torch.Generator().manual_seed(seed)
-    size = cfg["data"]["input_size"]
-    inputs, valid = {}, {}
-    for name in dict.fromkeys(cfg["in_domains"] + cfg["out_domains"]):
-        dom = DOMAINS[name]
-        if dom.source is not None:
-            continue
-        v = torch.ones(batch_size, size, size, dtype=torch.bool)
-        if invalid:
+    inputs, valid = random_inputs(cfg, batch_size, generator=torch.Generator().manual_seed(seed))
+    if invalid:
+        for name, v in valid.items():
             v[0, :8, :8] = False
             v[1:, 1, 2:5] = False
-        if dom.kind == "categorical":
-            x = torch.randint(0, dom.num_classes, (batch_size, size, size), generator=gen)
-            x[~v] = -1
-        else:
-            x = torch.randn(batch_size, dom.num_channels, size, size, generator=gen) * v.unsqueeze(1)
-        inputs[name], valid[name] = x, v
+            x = inputs[name]
+            if x.is_floating_point():
+                x.mul_(v.unsqueeze(1))
+            else:
+                x[~v] = -1
     return inputs, valid
