@@ -219,9 +219,7 @@ class FineTuner:
 
     def resume(self, path: Path, log: RunLogger) -> None:
         """Restore model, optimizer, scaler, epoch, best score, history and RNG states from ``path``."""
-        state = ckpt.load_checkpoint(path)
-        if state.get("kind") != CHECKPOINT_KIND:
-            raise ckpt.CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint, not {CHECKPOINT_KIND!r}")
+        state = ckpt.load_checkpoint(path, kind=CHECKPOINT_KIND)
         ckpt.load_state_checked(self.net, state["model"], what=f"fine-tuning model ({path})")
         self.engine.load_state_dict(state)
         self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]

@@ -142,9 +142,7 @@ class Trainer:
 
     def resume(self, path: Path, log: RunLogger) -> None:
         """Restore model, criterion, optimizer, scaler, schedule position and RNG states from ``path``."""
-        state = ckpt.load_checkpoint(path)
-        if state.get("kind") != CHECKPOINT_KIND:
-            raise ckpt.CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint, not {CHECKPOINT_KIND!r}")
+        state = ckpt.load_checkpoint(path, kind=CHECKPOINT_KIND)
         ckpt.load_state_checked(self.task.model, state["model"], what=f"model ({path})")
         ckpt.load_state_checked(self.task.criterion, state["criterion"], what=f"criterion ({path})")
         self.engine.load_state_dict(state)

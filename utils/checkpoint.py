@@ -53,20 +53,24 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint onto the CPU with ``weights_only=True``.
+def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
+    """Read a checkpoint onto the CPU with ``weights_only=True``; with ``kind``, check its ``"kind"`` key.
 
     Raises:
         CheckpointError: the file is missing or cannot be read (truncated, not a checkpoint, or
-            holding types outside ``weights_only``).
+            holding types outside ``weights_only``), or is not of ``kind``.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt / unsafe files
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    found = state.get("kind") if isinstance(state, dict) else type(state).__name__
+    if kind is not None and found != kind:
+        raise CheckpointError(f"{path} is a {found!r} checkpoint, not {kind!r}")
+    return state
 
 
 def resume_path(resume: str, output_dir: str | Path) -> Path | None:
