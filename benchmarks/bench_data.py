@@ -104,10 +104,9 @@ class _Shuffled(Sampler):
         self.n, self.seed = n, seed
 
     def __iter__(self):
-        rng, k = np.random.default_rng(self.seed), 0
+        rng = np.random.default_rng(self.seed)
         while True:
             yield from rng.permutation(self.n).tolist()
-            k += 1
 
     def __len__(self) -> int:
         return 10**9
