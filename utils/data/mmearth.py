@@ -9,7 +9,7 @@ the tile's product (``sentinel2_l1c`` / ``sentinel2_l2a`` from ``metadata`` S2_t
 does), no-data becomes a validity mask (continuous) or ``IGNORE_INDEX`` (categorical), and label
 maps are cropped, never interpolated bilinearly.
 
-Speed: one-chunk-per-sample gzip rows are read as raw chunks and inflated with zlib
+Speed: one-chunk-per-sample gzip rows are read as raw chunks and inflated with libdeflate or zlib
 (:class:`utils.data.h5rows.RowReader`), and :meth:`MMEarthDataset.__getitems__` (called by
 ``torch.utils.data.DataLoader`` for each batch) normalises the whole batch with vectorised numpy.
 """
