@@ -26,33 +26,14 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from timm.models.vision_transformer import VisionTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from multimae.build import build_criterion, build_multimae, random_inputs, resolve_preset  # noqa: E402
+from utils.config import load_config  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def load_cfg(path: str) -> dict:
-    """Resolved config: ``utils.config.load_config`` if present, else defaults merged with ``path``."""
-    try:
-        from utils.config import load_config
-    except ImportError:
-        load_config = None
-    if load_config is not None:
-        return load_config(path)
-    root = Path(__file__).resolve().parents[1]
-    cfg = yaml.safe_load((root / "cfgs" / "defaults.yaml").read_text())
-
-    def merge(base: dict, over: dict) -> dict:
-        for key, value in over.items():
-            base[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-        return base
-
-    return merge(cfg, yaml.safe_load(Path(path).read_text()) or {})
 
 
 def count_flops(fn) -> float:
@@ -77,7 +58,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = load_cfg(args.config)
+    cfg = load_config(args.config)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
