@@ -37,7 +37,7 @@ from utils.config import (build_arg_parser, check_output_dir, config_from_args, 
 from utils.data.bigearthnet import BigEarthNetDataset
 from utils.data.geobench import GEOBENCH_TASKS, GeoBenchDataset
 from utils.data.mmearth_seg import MMEarthSegDataset
-from utils.dist import DistInfo, all_gather_object, cleanup, init_distributed, seed_everything
+from utils.dist import DistInfo, all_gather_object, broadcast_object, cleanup, init_distributed, seed_everything
 from utils.engine import autocast, build_engine
 from utils.finetune import (FineTuneModel, build_head, default_layer_decay, finetune_config, knn_scores,
                             label_fraction_indices, load_backbone, read_pretraining_checkpoint)
@@ -131,6 +131,10 @@ class FineTuner:
             raise ValueError(f"{len(self.sets['train'])} training samples are fewer than one optimizer step needs "
                              f"(batch_size {cfg['batch_size']} x accum_steps {cfg['accum_steps']} x world size)")
         self.net = self._build_model(in_domains, pretrained).to(info.device)
+        if info.world_size > 1 and self.ft["protocol"] == "knn":
+            # No DDP wrapper broadcasts rank 0's weights here, and ranks are seeded apart: new adapters (or a
+            # from-scratch encoder) would differ per rank and the gathered embeddings would not be comparable.
+            self.net.load_state_dict(broadcast_object({k: v.cpu() for k, v in self.net.state_dict().items()}))
         self.steps_per_epoch = max(1, len(self.loaders["train"]) // cfg["accum_steps"])
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
         self.lr = effective_lr(cfg, info.world_size)
