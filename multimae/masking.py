@@ -64,11 +64,12 @@ def _dirichlet(concentration: torch.Tensor, generator: torch.Generator | None) -
     dist = torch.distributions.Dirichlet(concentration)
     if generator is None:
         return dist.sample()
-    # torch's gamma sampler takes no generator: run it on a CPU RNG seeded from the generator,
-    # leaving the global RNG untouched.
+    # torch's gamma sampler takes no generator: run it on the global CPU RNG seeded from the
+    # generator and restored afterwards. Seed only the CPU RNG: torch.manual_seed would also reseed
+    # every CUDA device's RNG, which fork_rng(devices=[]) does not restore.
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         return dist.sample()
 
 
@@ -122,7 +123,9 @@ def random_masks(
         sample_domains_uniformly: See :func:`sample_domain_proportions`.
         token_valid: Optional bool (B, N) with N = sum N_t: False for tokens whose patch has no
             valid pixel; those are made visible only when no valid token is left (module docstring).
-        generator: Optional generator; its device is used for the token noise.
+        generator: Optional generator; its device is used for the token noise, and it seeds the
+            CPU draws of the domain proportions, so it fixes the whole mask. The global RNGs are left
+            as they were.
         device: Device of the result when no generator is given.
 
     Returns:
@@ -141,7 +144,9 @@ def random_masks(
         )
     alpha = expand_alphas(alphas, len(sizes))
     device = generator.device if generator is not None else torch.device(device or "cpu")
-    cpu_gen = generator if generator is not None and generator.device.type == "cpu" else None
+    cpu_gen = generator
+    if generator is not None and generator.device.type != "cpu":  # the proportions are drawn on the CPU
+        cpu_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=device)))
     props = sample_domain_proportions(
         batch_size, alpha, sample_domains_uniformly=sample_domains_uniformly, generator=cpu_gen
     )

@@ -62,6 +62,17 @@ def test_generator_makes_masks_reproducible_and_leaves_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generator_fixes_the_whole_mask_and_leaves_global_rngs_alone():
+    cpu_state, cuda_state = torch.get_rng_state(), torch.cuda.get_rng_state()
+    a, b = (
+        random_masks([9, 9], 8, 5, 1.0, sample_domains_uniformly=True, generator=torch.Generator("cuda").manual_seed(3))
+        for _ in range(2)
+    )
+    assert a.device.type == "cuda" and torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+
 def test_mask_to_ids_keeps_token_order_and_restores():
     mask = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 1, 0, 0]])
     ids_keep, ids_restore = mask_to_ids(mask)
