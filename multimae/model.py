@@ -238,7 +238,7 @@ class MultiMAE(nn.Module):
             if DOMAINS[name].kind == "categorical":
                 if v is not None:
                     x = torch.where(v, x, IGNORE_INDEX)
-                v = x != IGNORE_INDEX if not x.is_floating_point() else v
+                v = x != IGNORE_INDEX  # no-data pixels, whether marked in the map or by valid
             elif v is not None:
                 x = torch.where(v.unsqueeze(1), x, 0.0)
             t = self.input_adapters[name](x)  # (B, N_d, D); checks channels, dtype, size
