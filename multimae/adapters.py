@@ -63,7 +63,7 @@ def patch_validity(valid: torch.Tensor, patch_size: int) -> torch.Tensor:
         bool (B, N) with N = (H / P) * (W / P), tokens in row-major order.
     """
     b, h, w = valid.shape
-    blocks = valid.view(b, h // patch_size, patch_size, w // patch_size, patch_size)
+    blocks = valid.reshape(b, h // patch_size, patch_size, w // patch_size, patch_size)
     return blocks.any(dim=4).any(dim=2).flatten(1)
 
 

@@ -67,8 +67,8 @@ def norm_pix_target(target: torch.Tensor, valid: torch.Tensor, patch_size: int) 
     """
     b, c, h, w = target.shape
     p = patch_size
-    x = target.view(b, c, h // p, p, w // p, p)
-    v = valid.view(b, 1, h // p, p, w // p, p).to(target.dtype)
+    x = target.reshape(b, c, h // p, p, w // p, p)
+    v = valid.reshape(b, 1, h // p, p, w // p, p).to(target.dtype)
     x = torch.where(v > 0, x, 0.0)
     dims = (1, 3, 5)
     n = v.sum(dim=dims, keepdim=True) * c
@@ -121,7 +121,7 @@ class MultiMAECriterion(nn.Module):
             return valid
         gh, gw = h // token_px, w // token_px
         masked = (mask > 0.5).view(b, gh, 1, gw, 1)
-        return (masked & valid.view(b, gh, token_px, gw, token_px)).view(b, h, w)
+        return (masked & valid.reshape(b, gh, token_px, gw, token_px)).view(b, h, w)
 
     def domain_loss(
         self, name: str, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None

@@ -19,6 +19,9 @@ Residual around the cross-attention (a decision; the reference has none): ``x = 
 With it, a visible query keeps its own encoded feature and the block is the standard pre-norm
 transformer decoder layer; without it a query's own content reaches the output only through
 attention. It adds no parameters, so the parameter count matches the reference.
+
+Initialisation: the mask token and the domain embeddings start from a truncated normal (std 0.02),
+as MAE initialises its mask token; the reference MultiMAE starts the mask token at zeros.
 """
 
 from __future__ import annotations
