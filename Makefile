@@ -2,14 +2,16 @@
 #   make install   create .venv (python3 -m venv) and pip-install requirements.txt (once; redone when it changes)
 #   make test      the default test suite (slow tests: .venv/bin/python -m pytest -m slow)
 #   make demo      convert the real TerraMesh sample, pretrain cfgs/pretrain/demo.yaml, then fine-tune
-#                  (DATA=folder of GeoTIFF sub-folders to use another sample)
+#                  (DATA=folder of GeoTIFF sub-folders and SPEC=its converter spec to use another sample;
+#                  DEMO=output/<name> keeps its runs apart from an earlier demo's)
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/data/terramesh_examples
-DEMO   := output/demo
+SPEC   ?= cfgs/data/terramesh_examples.yaml
+DEMO   ?= output/demo
 DEMO_DATA := $(DEMO)/data/terramesh64
 # One intra-op thread per process for the demo: on 2 shared cores, 2 OpenMP threads that spin-wait
 # for each other ran 2-3x slower than 1 whenever anything else was running (measured).
@@ -29,7 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 $(DEMO_DATA)/terramesh64.h5: | $(STAMP)
-	$(PY) tools/geotiff_to_mmearth.py --spec cfgs/data/terramesh_examples.yaml --src $(DATA) \
+	$(PY) tools/geotiff_to_mmearth.py --spec $(SPEC) --src $(DATA) \
 		--out $(DEMO_DATA) --tile-size 64
 
 demo: $(STAMP) $(DEMO_DATA)/terramesh64.h5
