@@ -302,6 +302,10 @@ def run_one(cfg: dict, info: DistInfo, in_domains: list[str], out: Path, pretrai
         report = tuner.load_report
         origin = "from scratch" if report is None else f"new adapters for {report.new_domains or 'no domain'}"
         log.write(f"{protocol} on {', '.join(in_domains)}: {len(tuner.sets['train'])} training samples, {origin}")
+        if protocol != "finetune" and (report is None or report.new_domains):
+            log.write(f"warning: with a frozen encoder ({protocol}), "
+                      f"{'the whole backbone' if report is None else 'the new adapters'} stay at their random "
+                      "initialisation; finetune.protocol=finetune trains them")
         if protocol != "knn":
             tuner.train(log)
         metrics = tuner.final_metrics()
