@@ -123,13 +123,12 @@ class Trainer:
         """The checkpoint dict (docs/DESIGN.md); gathers every rank's RNG state, so all ranks call it."""
         rngs = all_gather_object(ckpt.rng_state({"loader": self.loader_gen}))
         p = self.progress
-        per_rank = p.epoch_step * self.cfg["accum_steps"] * self.cfg["batch_size"]
+        sampler = {**self.loader.sampler.state_dict(), "epoch": p.epoch, "start": self._samples_done()}
         return {
             "model": self.task.model.state_dict(), "criterion": self.task.criterion.state_dict(),
             **self.engine.state_dict(),
             "step": p.step, "epoch": p.epoch, "epoch_step": p.epoch_step, "rng": rngs,
-            "sampler": {"epoch": p.epoch, "start": per_rank, "seed": self.cfg["seed"],
-                        "num_replicas": self.info.world_size},
+            "sampler": sampler,
             "config": self.cfg, "domains": self.train_set.domain_info(), "kind": CHECKPOINT_KIND,
         }
 
@@ -162,10 +161,14 @@ class Trainer:
         cap = self.cfg["max_steps"]
         return self.progress.epoch >= self.cfg["epochs"] or (cap is not None and self.progress.step >= cap)
 
+    def _samples_done(self) -> int:
+        """Samples this rank has consumed in the current epoch (the sampler's resume position)."""
+        return self.progress.epoch_step * self.cfg["accum_steps"] * self.cfg["batch_size"]
+
     def _start_epoch(self):
         p, cfg = self.progress, self.cfg
         self.train_set.set_epoch(p.epoch)
-        self.loader.sampler.set_epoch(p.epoch, start=p.epoch_step * cfg["accum_steps"] * cfg["batch_size"])
+        self.loader.sampler.set_epoch(p.epoch, start=self._samples_done())
         self.loader_gen.manual_seed(cfg["seed"] * 100_003 + p.epoch * 1_009 + self.info.rank)
         return iter(self.loader)
 
