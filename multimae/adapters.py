@@ -11,7 +11,9 @@ One adapter per input domain (Bachmann et al., MultiMAE, ECCV 2022, section 3.1)
 
 Position embeddings are non-persistent buffers built for the grid of ``input_size`` (see
 :mod:`multimae.pos_embed`); an input of another size (divisible by the patch size) gets an
-embedding computed for its own grid.
+embedding computed for its own grid. Positions are patch centres in units of the encoder's base
+patch size (:mod:`multimae.layout`), so an adapter with a larger patch than the base places its
+tokens where they lie on the ground.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multimae.domains import IGNORE_INDEX
-from multimae.pos_embed import sincos_pos_embed_2d
+from multimae.pos_embed import grid_coords, sincos_pos_embed_coords
 
 __all__ = ["PatchAdapter", "CategoricalAdapter", "majority_pool", "patch_validity"]
 
@@ -70,17 +72,22 @@ def patch_validity(valid: torch.Tensor, patch_size: int) -> torch.Tensor:
 class _GridAdapter(nn.Module):
     """Shared part of the adapters: size checks and the position embedding of the token grid."""
 
-    def __init__(self, name: str, dim: int, patch_size: int, input_size: int) -> None:
+    def __init__(self, name: str, dim: int, patch_size: int, input_size: int, base_patch_size: int | None) -> None:
         super().__init__()
         if input_size % patch_size != 0:
             raise ValueError(
-                f"domain {name!r}: data.input_size {input_size} is not divisible by model.patch_size {patch_size}"
+                f"domain {name!r}: data.input_size {input_size} is not divisible by its patch size {patch_size}"
             )
         self.name = name
         self.dim = dim
         self.patch_size = patch_size
+        self.pos_scale = patch_size / (base_patch_size or patch_size)
         self.grid = (input_size // patch_size, input_size // patch_size)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(*self.grid, dim).unsqueeze(0), persistent=False)
+        self.register_buffer("pos_embed", self.position_embedding(self.grid).unsqueeze(0), persistent=False)
+
+    def position_embedding(self, grid: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
+        """(h * w, D) sin-cos embedding of this adapter's patch centres on a (h, w) grid."""
+        return sincos_pos_embed_coords(grid_coords(grid, self.pos_scale, device=device), self.dim)
 
     def _check_size(self, h: int, w: int) -> tuple[int, int]:
         if h % self.patch_size or w % self.patch_size:
@@ -92,7 +99,7 @@ class _GridAdapter(nn.Module):
     def _add_pos(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos = self.pos_embed
         if grid != self.grid:  # another image size: embed its own grid (cheap, no interpolation)
-            pos = sincos_pos_embed_2d(*grid, self.dim, device=tokens.device).unsqueeze(0)
+            pos = self.position_embedding(grid, tokens.device).unsqueeze(0)
         return tokens + pos.to(tokens.dtype)
 
 
@@ -105,10 +112,12 @@ class PatchAdapter(_GridAdapter):
         dim: Token width D of the encoder.
         patch_size: Patch side P in pixels.
         input_size: Image side in pixels the position embedding buffer is built for.
+        base_patch_size: The encoder's base patch size p0, the unit of positions (default: P).
     """
 
-    def __init__(self, name: str, in_channels: int, dim: int, *, patch_size: int, input_size: int) -> None:
-        super().__init__(name, dim, patch_size, input_size)
+    def __init__(self, name: str, in_channels: int, dim: int, *, patch_size: int, input_size: int,
+                 base_patch_size: int | None = None) -> None:
+        super().__init__(name, dim, patch_size, input_size, base_patch_size)
         self.in_channels = in_channels
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         # MAE / MultiMAE: xavier-uniform on the flattened kernel, as for a Linear layer.
@@ -150,6 +159,7 @@ class CategoricalAdapter(_GridAdapter):
         input_size: Image side in pixels the position embedding buffer is built for.
         label_downsample: Majority-pooling factor ds; P must be divisible by ds.
         class_embed_dim: Width of the class embedding.
+        base_patch_size: The encoder's base patch size p0, the unit of positions (default: P).
     """
 
     def __init__(
@@ -162,8 +172,9 @@ class CategoricalAdapter(_GridAdapter):
         input_size: int,
         label_downsample: int = 1,
         class_embed_dim: int = 64,
+        base_patch_size: int | None = None,
     ) -> None:
-        super().__init__(name, dim, patch_size, input_size)
+        super().__init__(name, dim, patch_size, input_size, base_patch_size)
         if patch_size % label_downsample != 0:
             raise ValueError(
                 f"domain {name!r}: model.patch_size {patch_size} is not divisible by its label_downsample "

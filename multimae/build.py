@@ -1,4 +1,4 @@
-"""Build the MultiMAE model and its criterion from a resolved config dict.
+"""Build the encoder and the pretraining objective from a resolved config dict.
 
 Presets name the encoder size, MAE-style (``model.preset: base``):
 
@@ -11,10 +11,10 @@ base     768    12     12     ViT-B
 large    1024   24     16     ViT-L
 =======  =====  =====  =====  ==========
 
-``model.preset`` may also be a mapping ``{dim: ..., depth: ..., heads: ...}`` (tests use tiny
-custom sizes). Config keys read: ``in_domains``, ``out_domains``, ``data.input_size``,
-``model.*``, ``masking.*`` and ``loss.*`` (see ``cfgs/defaults.yaml``). :func:`random_inputs` makes a
-random batch of the shapes a config describes (benchmarks, tests).
+``model.preset`` may also be a mapping ``{dim: ..., depth: ..., heads: ...}`` (tests use tiny custom sizes).
+Config keys read: ``in_domains``, ``data.input_size``, ``model.*`` (the encoder), ``objective`` and its
+section (see ``cfgs/defaults.yaml``). :func:`random_inputs` makes a random batch of the shapes a config
+describes (benchmarks, tests); :func:`model_summary` describes a config's model without reading data.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
-from multimae.criterion import MultiMAECriterion
 from multimae.domains import DOMAINS
-from multimae.model import MultiMAE
+from multimae.encoder import MultiModalEncoder
+from multimae.objectives import Objective, build_objective, get_objective
 
-__all__ = ["PRESETS", "build_multimae", "build_criterion", "model_summary", "random_inputs", "resolve_preset"]
+__all__ = ["PRESETS", "resolve_preset", "encoder_kwargs", "build_encoder", "build_pretraining", "data_domains",
+           "random_inputs", "model_summary"]
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"dim": 192, "depth": 12, "heads": 3},
@@ -87,57 +88,48 @@ def _domain_list(cfg: dict, key: str, given: Sequence[str] | None) -> list[str]:
     return names
 
 
-def build_multimae(
-    cfg: dict, *, in_domains: Sequence[str] | None = None, out_domains: Sequence[str] | None = None
-) -> MultiMAE:
-    """Build the model described by a resolved config.
-
-    Args:
-        cfg: Resolved config (``cfgs/defaults.yaml`` layout).
-        in_domains: Override of ``cfg["in_domains"]`` (e.g. a fine-tuning subset).
-        out_domains: Override of ``cfg["out_domains"]``.
-
-    Returns:
-        A :class:`MultiMAE` with masking defaults from ``cfg["masking"]``.
+def encoder_kwargs(cfg: dict, in_domains: Sequence[str] | None = None) -> dict[str, Any]:
+    """Keyword arguments of :class:`MultiModalEncoder` from ``in_domains``, ``data.input_size`` and ``model.*``.
 
     Raises:
         ValueError: Naming the config key of a missing, mistyped or invalid value.
     """
     size = resolve_preset(_get(cfg, "model.preset", (str, dict)))
-    alphas = _get(cfg, "masking.alphas", (int, float, list))
-    return MultiMAE(
+    return dict(
         in_domains=_domain_list(cfg, "in_domains", in_domains),
-        out_domains=_domain_list(cfg, "out_domains", out_domains),
         input_size=_positive_int(cfg, "data.input_size"),
         patch_size=_positive_int(cfg, "model.patch_size"),
-        dim=size["dim"],
-        depth=size["depth"],
-        num_heads=size["heads"],
+        patch_sizes=dict(_get(cfg, "model.patch_sizes", dict)),
+        dim=size["dim"], depth=size["depth"], num_heads=size["heads"],
+        mlp_ratio=float(_get(cfg, "model.mlp_ratio", (int, float))),
         num_global_tokens=_positive_int(cfg, "model.num_global_tokens"),
         drop_path=float(_get(cfg, "model.drop_path", (int, float))),
         domain_embed=_get(cfg, "model.domain_embed", bool),
         class_embed_dim=_positive_int(cfg, "model.class_embed_dim"),
-        decoder_dim=_positive_int(cfg, "model.decoder_dim"),
-        decoder_depth=_get(cfg, "model.decoder_depth", int),
-        decoder_heads=_positive_int(cfg, "model.decoder_heads"),
-        num_encoded_tokens=_positive_int(cfg, "masking.num_encoded_tokens"),
-        alphas=alphas,
-        sample_domains_uniformly=_get(cfg, "masking.sample_domains_uniformly", bool),
+        gsd=float(_get(cfg, "model.gsd", (int, float))),
+        ffn=_get(cfg, "model.ffn", str),
+        ffn_options=dict(_get(cfg, "model.ffn_options", dict)),
     )
 
 
-def build_criterion(cfg: dict, out_domains: Sequence[str] | None = None) -> MultiMAECriterion:
-    """Build the pretraining criterion from ``loss.*`` and ``model.patch_size``.
+def build_encoder(cfg: dict, *, in_domains: Sequence[str] | None = None, init_weights: bool = True) -> MultiModalEncoder:
+    """The encoder a config describes (``in_domains`` overrides ``cfg["in_domains"]``)."""
+    return MultiModalEncoder(**encoder_kwargs(cfg, in_domains), init_weights=init_weights)
+
+
+def build_pretraining(cfg: dict) -> Objective:
+    """Encoder plus ``cfg["objective"]`` around it, initialised (the pretraining model).
 
     Raises:
-        ValueError: Naming the config key of a missing or invalid value.
+        ValueError: Naming the config key of an invalid encoder or objective setting.
     """
-    return MultiMAECriterion(
-        _domain_list(cfg, "out_domains", out_domains),
-        patch_size=_positive_int(cfg, "model.patch_size"),
-        weighting=_get(cfg, "loss.weighting", str),
-        loss_on_unmasked=_get(cfg, "loss.loss_on_unmasked", bool),
-    )
+    get_objective(cfg["objective"])  # unknown objective: fail before building anything
+    return build_objective(cfg, build_encoder(cfg, init_weights=False))
+
+
+def data_domains(cfg: dict) -> list[str]:
+    """Domains a pretraining batch must carry: ``in_domains`` plus the objective's targets, in that order."""
+    return get_objective(cfg["objective"]).data_domains(cfg)
 
 
 def random_inputs(
@@ -149,9 +141,9 @@ def random_inputs(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Random ``inputs`` and all-valid ``valid`` for every domain the batch of ``cfg`` carries.
 
-    Covers ``in_domains`` and ``out_domains`` except output-only domains (they read their source),
-    drawn in that order: float32 (B, C, H, W) standard normal for continuous domains, int64 (B, H, W)
-    class ids 0..K-1 for class maps, at ``data.input_size``.
+    Covers :func:`data_domains` except output-only domains (they read their source), drawn in that order:
+    float32 (B, C, H, W) standard normal for continuous domains, int64 (B, H, W) class ids 0..K-1 for class
+    maps, at ``data.input_size``.
 
     Args:
         cfg: Resolved config.
@@ -160,12 +152,12 @@ def random_inputs(
         generator: Optional generator (on ``device``); torch's global RNG otherwise.
 
     Returns:
-        ``(inputs, valid)`` as in the batch contract (docs/DESIGN.md); ``valid`` is all True, one
-        tensor per domain.
+        ``(inputs, valid)`` as in the batch contract (docs/DESIGN.md); ``valid`` is all True, one tensor per
+        domain.
     """
     size = _positive_int(cfg, "data.input_size")
     inputs, valid = {}, {}
-    for name in dict.fromkeys(_domain_list(cfg, "in_domains", None) + _domain_list(cfg, "out_domains", None)):
+    for name in data_domains(cfg):
         dom = DOMAINS[name]
         if dom.source is not None:
             continue
@@ -179,41 +171,39 @@ def random_inputs(
     return inputs, valid
 
 
-def _count(module) -> int:
+def count_trainable(module: torch.nn.Module) -> int:
+    """Number of trainable parameter values of ``module``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def model_summary(cfg: dict) -> str:
-    """Build model and criterion (no data read) and describe them.
+    """Build the pretraining model (no data read) and describe it.
 
     Returns:
-        Text lines ``key: value``, among them ``tokens_per_domain: <int>``, ``encoded_tokens: <int>``
-        and ``trainable_params: <int>`` (model + criterion), plus per-part parameter counts.
+        Text lines ``key: value``, among them ``objective``, the token layout (one line per domain),
+        ``tokens_per_domain`` (one number when every domain has the same), ``total_tokens``,
+        ``trainable_params: <int>`` and per-part parameter counts.
     """
-    model = build_multimae(cfg)
-    criterion = build_criterion(cfg)
-    size = resolve_preset(cfg["model"]["preset"])
-    n_d = next(iter(model.tokens_per_domain.values()))
-    lines = [
-        f"in_domains: {', '.join(model.in_domains)}",
-        f"out_domains: {', '.join(model.out_domains)}",
-    ]
-    for name in model.out_domains:
-        dom = DOMAINS[name]
-        role = "input+output" if name in model.in_domains else "output only"
-        lines.append(f"  {name}: {dom.kind}, {dom.num_classes or dom.num_channels} "
-                     f"{'classes' if dom.num_classes else 'channels'}, loss {dom.loss}, {role}")
+    model = build_pretraining(cfg)
+    enc = model.encoder
+    layout = enc.layout()
+    counts = sorted(set(layout.tokens_per_domain))
+    lines = [f"objective: {model.name}", f"in_domains: {', '.join(enc.in_domains)}"]
+    lines += model.describe() if hasattr(model, "describe") else []
     lines += [
-        f"encoder: dim {size['dim']}, depth {size['depth']}, heads {size['heads']}",
-        f"input_size: {model.input_size}",
-        f"patch_size: {model.patch_size}",
-        f"tokens_per_domain: {n_d}",
-        f"total_tokens: {n_d * len(model.in_domains)}",
-        f"encoded_tokens: {model.num_encoded_tokens}",
-        f"global_tokens: {model.num_global_tokens}",
-        f"params_input_adapters: {_count(model.input_adapters)}",
-        f"params_encoder: {_count(model.encoder) + model.global_tokens.numel()}",
-        f"params_decoders: {_count(model.output_adapters)}",
-        f"trainable_params: {_count(model) + _count(criterion)}",
+        f"encoder: dim {enc.dim}, depth {enc.depth}, heads {enc.num_heads}, feed-forward {enc.ffn}",
+        f"input_size: {enc.input_size}",
+        f"patch_size: {enc.patch_size}",
+        f"token_layout: {layout.num_tokens} patch tokens + {layout.num_global_tokens} global",
+        *[f"  {line}" for line in layout.describe()],
+        f"tokens_per_domain: {counts[0] if len(counts) == 1 else dict(zip(layout.domains, layout.tokens_per_domain))}",
+        f"total_tokens: {layout.num_tokens}",
+        f"global_tokens: {enc.num_global_tokens}",
+        f"params_input_adapters: {count_trainable(enc.input_adapters)}",
+        f"params_encoder: {count_trainable(enc) - count_trainable(enc.input_adapters)}",
     ]
+    for name, child in model.named_children():
+        if name != "encoder":
+            lines.append(f"params_{name}: {count_trainable(child)}")
+    lines.append(f"trainable_params: {count_trainable(model)}")
     return "\n".join(lines)

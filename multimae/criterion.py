@@ -1,13 +1,14 @@
 """Masked reconstruction losses and loss weighting for MultiMAE pretraining.
 
-Per output domain (loss named in :mod:`multimae.domains`):
+Per output domain (the loss of each domain is a setting of the MultiMAE objective, ``multimae.loss``):
 
-* ``mse`` / ``l1``: squared / absolute error per pixel, averaged over channels;
+* ``mse`` / ``l1``: squared / absolute error per pixel, averaged over channels (continuous domains);
 * ``ce``: cross-entropy of the class logits against the class map majority-pooled by the domain's
-  ``label_downsample`` (the same pooling the input adapter uses), ``IGNORE_INDEX`` ignored;
-* ``norm_pix`` domains (``s2_rgb_normpix``): the target is normalised per patch, over the valid
-  pixels of all bands of the patch: (x - mean) / sqrt(unbiased var + 1e-6), as MAE's
-  ``norm_pix_loss``; the prediction is not normalised.
+  ``label_downsample`` (the same pooling the input adapter uses), ``IGNORE_INDEX`` ignored; always
+  the loss of a categorical domain;
+* normalised-pixel domains (``multimae.loss.norm_pix``, e.g. ``s2_rgb_normpix``): the target is
+  normalised per patch, over the valid pixels of all bands of the patch:
+  (x - mean) / sqrt(unbiased var + 1e-6), as MAE's ``norm_pix_loss``; the prediction is not normalised.
 
 A pixel counts only if its token is masked (unless ``loss_on_unmasked``) **and** it is valid
 (``valid`` mask; for class maps also not ``IGNORE_INDEX``). Invalid pixels are excluded with
@@ -82,31 +83,52 @@ class MultiMAECriterion(nn.Module):
 
     Args:
         out_domains: Output domain names (registry names).
-        patch_size: Patch side P in pixels (of the full-resolution image).
+        patch_size: Patch side P in pixels (of the full-resolution image): one value, or one per output
+            domain ``{domain: px}`` (the patch size of the tokens its mask refers to).
+        losses: ``{domain: "mse" | "l1"}`` for continuous domains not using ``mse``; categorical domains
+            always use ``ce``.
+        norm_pix: Output domains whose target is normalised per patch.
         weighting: ``none`` (plain sum) or ``uncertainty`` (learned log-variance per domain,
             parameters ``log_vars.<domain>``).
         loss_on_unmasked: Also count visible tokens.
 
     Raises:
-        ValueError: On an unknown weighting (``loss.weighting``) or domain (``out_domains``).
+        ValueError: On an unknown weighting or loss, or a domain that is not an output (the message names
+            the ``multimae.loss`` key).
     """
 
     def __init__(
         self,
         out_domains: Sequence[str],
         *,
-        patch_size: int,
+        patch_size: int | dict[str, int],
+        losses: dict[str, str] | None = None,
+        norm_pix: Sequence[str] = (),
         weighting: str = "none",
         loss_on_unmasked: bool = False,
     ) -> None:
         super().__init__()
         if weighting not in ("none", "uncertainty"):
-            raise ValueError(f"loss.weighting must be 'none' or 'uncertainty', got {weighting!r}")
+            raise ValueError(f"multimae.loss.weighting must be 'none' or 'uncertainty', got {weighting!r}")
         for name in out_domains:
             if name not in DOMAINS:
-                raise ValueError(f"out_domains: unknown domain {name!r}")
+                raise ValueError(f"multimae.out_domains: unknown domain {name!r}")
         self.out_domains = list(out_domains)
-        self.patch_size = patch_size
+        self.losses = {}
+        for name in self.out_domains:
+            kind = DOMAINS[name].kind
+            loss = (losses or {}).get(name, "ce" if kind == "categorical" else "mse")
+            if kind == "categorical" and loss != "ce":
+                raise ValueError(f"multimae.loss.per_domain.{name}: a class map uses 'ce', got {loss!r}")
+            if kind != "categorical" and loss not in ("mse", "l1"):
+                raise ValueError(f"multimae.loss.per_domain.{name}: expected 'mse' or 'l1', got {loss!r}")
+            self.losses[name] = loss
+        self.norm_pix = set(norm_pix)
+        for name in self.norm_pix:
+            if name not in self.out_domains or DOMAINS[name].kind == "categorical":
+                raise ValueError(f"multimae.loss.norm_pix: {name!r} is not a continuous output domain")
+        self.patch_sizes = (dict(patch_size) if isinstance(patch_size, dict)
+                            else {d: patch_size for d in self.out_domains})
         self.weighting = weighting
         self.loss_on_unmasked = loss_on_unmasked
         self.log_vars = (
@@ -140,24 +162,25 @@ class MultiMAECriterion(nn.Module):
         """
         dom = DOMAINS[name]
         pred = pred.float()
+        patch = self.patch_sizes[name]
         if dom.kind == "categorical":
             labels = target.long() if valid is None else torch.where(valid, target.long(), IGNORE_INDEX)
             labels = majority_pool(labels, dom.label_downsample, dom.num_classes)  # (B, H/ds, W/ds)
             if tuple(labels.shape[-2:]) != tuple(pred.shape[-2:]):
                 raise ValueError(f"domain {name!r}: logits {tuple(pred.shape)} do not match labels {tuple(labels.shape)}")
             loss = F.cross_entropy(pred, labels, ignore_index=IGNORE_INDEX, reduction="none")  # (B, h', w')
-            weight = self._pixel_weight(mask, labels != IGNORE_INDEX, self.patch_size // dom.label_downsample)
+            weight = self._pixel_weight(mask, labels != IGNORE_INDEX, patch // dom.label_downsample)
             return masked_mean(loss, weight)
         target = target.float()
         if tuple(pred.shape) != tuple(target.shape):
             raise ValueError(f"domain {name!r}: prediction {tuple(pred.shape)} does not match target {tuple(target.shape)}")
         b, _, h, w = target.shape
         pix_valid = torch.ones(b, h, w, dtype=torch.bool, device=target.device) if valid is None else valid
-        if dom.norm_pix:
-            target = norm_pix_target(target, pix_valid, self.patch_size)
+        if name in self.norm_pix:
+            target = norm_pix_target(target, pix_valid, patch)
         diff = pred - target
-        loss = (diff.abs() if dom.loss == "l1" else diff.square()).mean(dim=1)  # (B, H, W)
-        return masked_mean(loss, self._pixel_weight(mask, pix_valid, self.patch_size))
+        loss = (diff.abs() if self.losses[name] == "l1" else diff.square()).mean(dim=1)  # (B, H, W)
+        return masked_mean(loss, self._pixel_weight(mask, pix_valid, patch))
 
     def forward(
         self,
@@ -169,7 +192,7 @@ class MultiMAECriterion(nn.Module):
         """Compute every output domain's loss and the weighted total.
 
         Args:
-            preds: Model predictions {out_domain: tensor} (see :meth:`MultiMAE.forward`).
+            preds: Predictions {out_domain: tensor} (see :meth:`MultiMAEObjective.predict`).
             inputs: The batch inputs; an output-only domain reads its ``source`` domain.
             masks: {domain: (B, N_d)}, 1 = masked, for every output domain.
             valid: Optional {domain: bool (B, H, W)}; output-only domains use their source's.

@@ -4,16 +4,19 @@ Follows MultiMAE's ``SpatialOutputAdapter`` (Bachmann et al., ECCV 2022, section
 the MultiMAE-EO reference (dim 128, 2 blocks, 8 heads):
 
 1. The encoder output (B, K + G, D) is projected to the decoder width Dd.
-2. Every token position of every input domain gets a fixed 2-D sin-cos position embedding plus a
-   learned per-domain embedding (owned by this decoder); masked positions hold a learned mask token.
-3. **Queries**: this decoder's own domain segment (N_d tokens: visible features at their places,
-   mask tokens elsewhere). A decode-only domain (an output that is not an input) uses mask token +
+2. Every token position of every input domain gets a fixed 2-D sin-cos position embedding (of its
+   patch centre, :mod:`multimae.layout`) plus a learned per-domain embedding (owned by this decoder,
+   looked up by domain name); masked positions hold a learned mask token.
+3. **Queries**: this decoder's own domain segment of the token layout (N_d tokens: visible features at
+   their places, mask tokens elsewhere). A decode-only domain (an output that is not an input) uses mask token +
    position + its own domain embedding as queries; an output-only domain with a ``source``
    (``s2_rgb_normpix``) uses its source's segment.
 4. **Context**: the K visible tokens (with their embeddings) and the G projected global tokens.
 5. Pre-norm cross-attention of the queries over the context, then a residual MLP, then
    ``depth`` timm self-attention blocks, then a linear layer to C * p * p values per token,
    un-patchified to (B, C, H, W) (or to K class logits at 1 / ``label_downsample`` resolution).
+   Domains may have different patch sizes: the context covers every domain's segment, the queries
+   lie on this decoder's own grid.
 
 Residual around the cross-attention (a decision; the reference has none): ``x = q + xattn(q, ctx)``.
 With it, a visible query keeps its own encoded feature and the block is the standard pre-norm
@@ -36,7 +39,8 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from multimae.pos_embed import sincos_pos_embed_2d
+from multimae.layout import TokenLayout
+from multimae.pos_embed import grid_coords, sincos_pos_embed_coords
 
 __all__ = ["CrossAttention", "SpatialDecoder"]
 
@@ -54,7 +58,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads != 0:
-            raise ValueError(f"model.decoder_heads {num_heads} must divide model.decoder_dim {dim}")
+            raise ValueError(f"decoder heads {num_heads} must divide the decoder width {dim}")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
@@ -76,14 +80,14 @@ class SpatialDecoder(nn.Module):
     Args:
         name: Output domain name (error messages).
         encoder_dim: Width D of the encoder tokens.
-        context_domains: The input domains, in the order their tokens are concatenated.
+        context_domains: The input domains, in the order of their segments in the token layout.
         query_domain: Domain whose token segment provides the queries: the output domain itself,
             its ``source`` for output-only domains, or a domain not in ``context_domains``
             (decode-only: queries are mask token + position + its domain embedding).
         out_channels: Channels C of the prediction (bands, or K classes for a class map).
         out_patch_size: Output pixels per token side p (patch size, or patch size / label_downsample).
-        input_size: Image side in pixels the position embedding buffer is built for.
-        patch_size: Input patch side P in pixels (token grid = input_size / P).
+        patch_size: Patch side P in pixels of the query domain's tokens (its grid = image side / P).
+        base_patch_size: The encoder's base patch size p0, the unit of positions (default: P).
         dim: Decoder width Dd.
         depth: Self-attention blocks after the cross-attention.
         num_heads: Heads of the cross-attention and of the blocks.
@@ -100,8 +104,8 @@ class SpatialDecoder(nn.Module):
         query_domain: str,
         out_channels: int,
         out_patch_size: int,
-        input_size: int,
         patch_size: int,
+        base_patch_size: int | None = None,
         dim: int = 128,
         depth: int = 2,
         num_heads: int = 8,
@@ -115,14 +119,17 @@ class SpatialDecoder(nn.Module):
         self.query_domain = query_domain
         self.out_channels = out_channels
         self.out_patch_size = out_patch_size
+        self.patch_size = patch_size
+        self.base_patch_size = base_patch_size or patch_size
         self.xattn_residual = xattn_residual
-        self.grid = (input_size // patch_size, input_size // patch_size)
 
         embed_domains = self.context_domains + ([] if query_domain in self.context_domains else [query_domain])
         self.context_proj = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.domain_embeds = nn.ParameterDict({d: nn.Parameter(torch.zeros(1, 1, dim)) for d in embed_domains})
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(*self.grid, dim), persistent=False)  # (N, Dd)
+        # Insertion order (a list, not a dict: ParameterDict sorts a dict's keys) = segment order, so the
+        # random draws of the initialisation go to the segments in layout order.
+        self.domain_embeds = nn.ParameterDict([(d, nn.Parameter(torch.zeros(1, 1, dim))) for d in embed_domains])
+        self._pos_cache: dict = {}
 
         self.query_norm = _LayerNorm(dim)
         self.context_norm = _LayerNorm(dim)
@@ -138,169 +145,74 @@ class SpatialDecoder(nn.Module):
         for p in self.domain_embeds.values():
             nn.init.trunc_normal_(p, std=0.02)
 
-    def _pos(self, grid: tuple[int, int], ref: torch.Tensor) -> torch.Tensor:
-        if grid == self.grid:
-            return self.pos_embed.to(ref.dtype)
-        return sincos_pos_embed_2d(*grid, self.dim, device=ref.device, dtype=ref.dtype)
+    def query_grid(self, layout: TokenLayout) -> tuple[int, int]:
+        """(h, w) tokens of this decoder's queries for an image of ``layout.image_size``."""
+        if self.query_domain in layout:
+            return layout[self.query_domain].grid
+        h, w = layout.image_size
+        return h // self.patch_size, w // self.patch_size
+
+    def _embeddings(self, layout: TokenLayout, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position + domain embeddings (N, Dd) of every context token and (N_q, Dd) of the queries."""
+        key = (layout, ref.device, ref.dtype)
+        pos = self._pos_cache.get(key)
+        if pos is None:
+            context_pos = sincos_pos_embed_coords(layout.coords(device=ref.device), self.dim).to(ref.dtype)
+            if self.query_domain in layout:
+                query_pos = context_pos[layout[self.query_domain].slice]
+            else:
+                scale = self.patch_size / self.base_patch_size
+                coords = grid_coords(self.query_grid(layout), scale, device=ref.device)
+                query_pos = sincos_pos_embed_coords(coords, self.dim).to(ref.dtype)
+            pos = self._pos_cache[key] = (context_pos, query_pos)
+        context_pos, query_pos = pos
+        context = torch.cat([context_pos[seg.slice] + self.domain_embeds[seg.domain][0].to(ref.dtype)
+                             for seg in layout.segments])  # (N, Dd)
+        return context, query_pos + self.domain_embeds[self.query_domain][0].to(ref.dtype)
 
     def forward(
         self,
         encoded: torch.Tensor,
         ids_keep: torch.Tensor,
         ids_restore: torch.Tensor,
-        grid: tuple[int, int],
+        layout: TokenLayout,
     ) -> torch.Tensor:
         """Reconstruct the output domain.
 
         Args:
             encoded: Encoder output (B, K + G, D): K visible tokens, then G global tokens.
-            ids_keep: int64 (B, K), positions of the visible tokens among the N = n * N_d input
-                tokens (see :func:`multimae.masking.mask_to_ids`).
+            ids_keep: int64 (B, K), positions of the visible tokens among the N input tokens (see
+                :func:`multimae.masking.mask_to_ids`).
             ids_restore: int64 (B, N), index of each position in ``[visible, masked]`` order.
-            grid: Token grid (h, w) of every domain, N_d = h * w.
+            layout: Token layout of the input tokens (segments in ``context_domains`` order).
 
         Returns:
-            (B, C, h * p, w * p): pixel values, or class logits for a class map.
+            (B, C, h * p, w * p) for the query grid (h, w): pixel values, or class logits for a class map.
         """
+        if layout.domains != self.context_domains:
+            raise ValueError(f"decoder {self.name!r}: layout domains {layout.domains} differ from its context "
+                             f"domains {self.context_domains}")
         b, k = ids_keep.shape
-        n_d = grid[0] * grid[1]
         x = self.context_proj(encoded)  # (B, K + G, Dd)
         visible, global_tokens = x[:, :k], x[:, k:]
 
-        pos = self._pos(grid, x)  # (N_d, Dd)
-        embeds = torch.cat([p for p in self.domain_embeds.values()], dim=0)  # (n_embed, 1, Dd)
-        embeds = (pos.unsqueeze(0) + embeds.to(x.dtype)).flatten(0, 1)  # (n_embed * N_d, Dd), segment order
+        embeds, query_embeds = self._embeddings(layout, x)  # (N, Dd), (N_q, Dd)
         context = torch.cat([visible + embeds[ids_keep], global_tokens], dim=1)  # (B, K + G, Dd)
 
-        if self.query_domain in self.context_domains:
-            seg = self.context_domains.index(self.query_domain)
-            seg_ids = ids_restore[:, seg * n_d : (seg + 1) * n_d]  # (B, N_d)
+        grid = self.query_grid(layout)
+        if self.query_domain in layout:
+            seg_ids = ids_restore[:, layout[self.query_domain].slice]  # (B, N_q)
             tokens = torch.cat([visible, self.mask_token.expand(b, ids_restore.shape[1] - k, -1)], dim=1)
             queries = torch.gather(tokens, 1, seg_ids.unsqueeze(-1).expand(-1, -1, self.dim))
         else:  # decode-only: no tokens of this domain were encoded
-            seg = len(self.context_domains)
-            queries = self.mask_token.expand(b, n_d, -1)
-        queries = queries + embeds[seg * n_d : (seg + 1) * n_d]  # (B, N_d, Dd)
+            queries = self.mask_token.expand(b, grid[0] * grid[1], -1)
+        queries = queries + query_embeds  # (B, N_q, Dd)
 
         attended = self.xattn(self.query_norm(queries), self.context_norm(context))
         x = queries + attended if self.xattn_residual else attended
         x = x + self.mlp(self.mlp_norm(x))
         for block in self.blocks:
             x = block(x)
-        x = self.head(x)  # (B, N_d, C * p * p)
+        x = self.head(x)  # (B, N_q, C * p * p)
         p = self.out_patch_size
         return rearrange(x, "b (h w) (c p q) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=p, q=p)
-
-
-# ---------------------------------------------------------------------- all decoders in one pass
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Per-decoder linear layer: x (E, M, Din), weight (E, Dout, Din), bias (E, Dout) -> (E, M, Dout)."""
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-
-
-def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-decoder LayerNorm over the last dim: x (E, ..., D), weight / bias (E, D)."""
-    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * weight.view(shape) + bias.view(shape)
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Fused attention for E * B sequences: q (E, B, Nq, D), k / v (E, B, Nk, D) -> (E, B, Nq, D)."""
-    e, b, nq, d = q.shape
-    split = lambda t: t.reshape(e * b, t.shape[2], heads, d // heads).transpose(1, 2)  # noqa: E731
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v))  # (E * B, h, Nq, d / h)
-    return out.transpose(1, 2).reshape(e, b, nq, d)
-
-
-def can_batch(decoders: Sequence[SpatialDecoder]) -> bool:
-    """True if the decoders share every size, so :func:`decode_all` can run them as one batch."""
-    first = decoders[0]
-    signature = lambda d: (  # noqa: E731
-        d.dim, len(d.blocks), d.xattn.num_heads, d.mlp.fc1.out_features, d.context_domains, d.xattn_residual,
-        d.grid, d.query_norm.eps,
-    )
-    return all(signature(d) == signature(first) for d in decoders)
-
-
-def decode_all(
-    decoders: Sequence[SpatialDecoder],
-    encoded: torch.Tensor,
-    ids_keep: torch.Tensor,
-    ids_restore: torch.Tensor,
-    grid: tuple[int, int],
-) -> list[torch.Tensor]:
-    """Run E same-sized decoders as one batch; same result as calling each decoder's ``forward``.
-
-    Each decoder keeps its own parameters (``output_adapters.<domain>.*``); they are stacked per
-    forward pass, so every layer becomes one batched matrix product (``baddbmm``) over the E
-    decoders instead of E small ones: about E-fold fewer kernel launches (meant for GPUs, where
-    launches dominate 49 queries of width 128). On a 2-core CPU the stacking costs more than it
-    saves (BENCHMARKS.md), so :class:`~multimae.model.MultiMAE` uses it on GPUs only.
-
-    Args:
-        decoders: Decoders with equal sizes and context domains (see :func:`can_batch`).
-        encoded: Encoder output (B, K + G, D).
-        ids_keep: int64 (B, K).
-        ids_restore: int64 (B, N).
-        grid: Token grid (h, w).
-
-    Returns:
-        One prediction per decoder, as :meth:`SpatialDecoder.forward` returns it.
-    """
-    first = decoders[0]
-    stack = lambda get: torch.stack([get(d) for d in decoders])  # noqa: E731
-    e, dim, eps, heads = len(decoders), first.dim, first.query_norm.eps, first.xattn.num_heads
-    b, k = ids_keep.shape
-    n, n_d, n_ctx = ids_restore.shape[1], grid[0] * grid[1], len(first.context_domains)
-
-    # Context projection of all decoders in one GEMM: (B, K + G, D) -> (E, B, K + G, Dd).
-    w = torch.cat([d.context_proj.weight for d in decoders])  # (E * Dd, D)
-    x = F.linear(encoded, w, torch.cat([d.context_proj.bias for d in decoders]))
-    x = x.view(b, -1, e, dim).permute(2, 0, 1, 3)
-    visible, global_tokens = x[:, :, :k], x[:, :, k:]
-
-    # Embedding tables (E, n_ctx + 1, N_d, Dd): position + domain embedding; row n_ctx = decode-only domain.
-    zero = encoded.new_zeros(1, 1, dim)
-    embeds = stack(lambda d: torch.cat(list(d.domain_embeds.values()) + [zero] * (n_ctx + 1 - len(d.domain_embeds))))
-    table = first._pos(grid, x).unsqueeze(0).unsqueeze(0) + embeds.to(x.dtype)  # (E, n_ctx + 1, N_d, Dd)
-    context = torch.cat([visible + table.flatten(1, 2)[:, ids_keep], global_tokens], dim=2)  # (E, B, K + G, Dd)
-
-    # Queries: each decoder's own segment; an extra mask-token slot (index N) serves decode-only decoders.
-    segs = torch.tensor(
-        [d.context_domains.index(d.query_domain) if d.query_domain in d.context_domains else n_ctx for d in decoders],
-        device=ids_restore.device,
-    )
-    slots = torch.cat([visible, stack(lambda d: d.mask_token[0]).unsqueeze(1).expand(e, b, n - k + 1, dim)], dim=2)
-    ids = torch.cat([ids_restore, ids_restore.new_full((b, n_d), n)], dim=1).view(b, n_ctx + 1, n_d)
-    ids = ids[:, segs].permute(1, 0, 2)  # (E, B, N_d)
-    queries = torch.gather(slots, 2, ids.unsqueeze(-1).expand(-1, -1, -1, dim))
-    queries = queries + table[torch.arange(e, device=segs.device), segs].unsqueeze(1)  # (E, B, N_d, Dd)
-
-    # Cross-attention + MLP, then the self-attention blocks, all on (E, B * N_d, Dd).
-    def norm(t, get):
-        return _layer_norm(t, stack(lambda d: get(d).weight), stack(lambda d: get(d).bias), eps)
-
-    def lin(t, get):
-        return _linear(t, stack(lambda d: get(d).weight), stack(lambda d: get(d).bias))
-
-    qn = norm(queries, lambda d: d.query_norm).flatten(1, 2)
-    cn = norm(context, lambda d: d.context_norm).flatten(1, 2)
-    q = lin(qn, lambda d: d.xattn.q).view(e, b, n_d, dim)
-    kv = lin(cn, lambda d: d.xattn.kv).view(e, b, -1, 2, dim)
-    attended = lin(_attention(q, kv[..., 0, :], kv[..., 1, :], heads).flatten(1, 2), lambda d: d.xattn.proj)
-    x = queries.flatten(1, 2) + attended if first.xattn_residual else attended
-    x = x + lin(F.gelu(lin(norm(x, lambda d: d.mlp_norm), lambda d: d.mlp.fc1)), lambda d: d.mlp.fc2)
-    for i in range(len(first.blocks)):
-        blk = lambda d, i=i: d.blocks[i]  # noqa: E731
-        qkv = lin(norm(x, lambda d: blk(d).norm1), lambda d: blk(d).attn.qkv).view(e, b, n_d, 3, dim)
-        x = x + lin(_attention(qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :], heads).flatten(1, 2),
-                    lambda d: blk(d).attn.proj)
-        x = x + lin(F.gelu(lin(norm(x, lambda d: blk(d).norm2), lambda d: blk(d).mlp.fc1)),
-                    lambda d: blk(d).mlp.fc2)
-
-    x = x.view(e, b, n_d, dim)
-    outs = []
-    for j, d in enumerate(decoders):  # heads differ in width
-        p = d.out_patch_size
-        outs.append(rearrange(d.head(x[j]), "b (h w) (c p q) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=p, q=p))
-    return outs

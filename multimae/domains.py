@@ -5,9 +5,10 @@ A *modality* is one dataset of an MMEarth HDF5 file (``sentinel2``, ``aster``, `
 image-level, no-data values and, for categorical maps, the class table.
 
 A *domain* is what the model sees as one input or output: a named group of bands of one modality,
-chosen by band name (``s2_rgb`` = Sentinel-2 B04, B03, B02). Each domain gets its own patch adapter
-and decoder. To change a modality or add a domain, edit the two tables below; nothing else in the
-code base hard-codes band indices.
+chosen by band name (``s2_rgb`` = Sentinel-2 B04, B03, B02). Each input domain gets its own patch
+adapter in the encoder; what an objective does with a domain (its reconstruction loss, a per-patch
+normalised target, ...) is the objective's setting, not the registry's. To change a modality or add a
+domain, edit the two tables below; nothing else in the code base hard-codes band indices.
 
 Sources: MMEarth-data ``utils/convert_to_h5.py`` (stored order, dtypes, no-data as written),
 MMEarth-train ``MODALITIES.py`` / ``mmearth_dataset.py`` (no-data as read), and the reference
@@ -275,23 +276,20 @@ class Domain:
         name: Domain name used in configs, model keys and logs (``s2_rgb``, ``elevation``...).
         modality: Name of the MMEarth modality the bands come from.
         bands: Band names, in the order the model sees them.
-        loss: Reconstruction loss: ``mse``, ``l1`` or ``ce`` (categorical).
         label_downsample: For categorical domains: the class map is majority-pooled by this factor
             before the model sees it (4 reproduces the reference's 14 x 14 land-cover map at 56 px
             input); the adapter then patches it with ``patch_size // label_downsample``.
         source: For output-only domains: the domain whose data, tokens and mask it reuses
-            (``s2_rgb_normpix`` reconstructs ``s2_rgb``).
-        norm_pix: Target normalised per patch (mean 0, std 1), as MAE's ``norm_pix_loss``.
+            (``s2_rgb_normpix`` reconstructs ``s2_rgb``; the MultiMAE objective normalises its target per
+            patch).
         description: One line for summaries.
     """
 
     name: str
     modality: str
     bands: tuple[str, ...]
-    loss: Literal["mse", "l1", "ce"] = "mse"
     label_downsample: int = 1
     source: str | None = None
-    norm_pix: bool = False
     description: str = ""
     _modality: Modality = field(init=False, repr=False, compare=False)
 
@@ -299,10 +297,6 @@ class Domain:
         mod = get_modality(self.modality)
         object.__setattr__(self, "_modality", mod)
         band_indices(self.modality, self.bands)  # validates band names
-        if mod.kind == "categorical" and self.loss != "ce":
-            raise ValueError(f"domain {self.name!r}: categorical modality {self.modality!r} needs loss 'ce'")
-        if mod.kind == "continuous" and self.loss == "ce":
-            raise ValueError(f"domain {self.name!r}: continuous modality {self.modality!r} cannot use loss 'ce'")
 
     @property
     def kind(self) -> ModalityKind:
@@ -338,31 +332,31 @@ class Domain:
 DOMAINS: dict[str, Domain] = {
     d.name: d
     for d in (
-        Domain("s2_rgb", "sentinel2", ("B04", "B03", "B02"), "mse", description="Sentinel-2 red, green, blue (10 m)"),
-        Domain("s2_rededge", "sentinel2", ("B05", "B06", "B07"), "mse", description="Sentinel-2 red edge (20 m)"),
-        Domain("s2_nir", "sentinel2", ("B8A", "B08"), "mse", description="Sentinel-2 narrow and broad NIR"),
-        Domain("s2_swir", "sentinel2", ("B11", "B12"), "mse", description="Sentinel-2 short-wave infrared (20 m)"),
-        Domain("s2_atmos", "sentinel2", ("B01", "B09"), "mse", description="Sentinel-2 coastal aerosol, water vapour (60 m)"),
+        Domain("s2_rgb", "sentinel2", ("B04", "B03", "B02"), description="Sentinel-2 red, green, blue (10 m)"),
+        Domain("s2_rededge", "sentinel2", ("B05", "B06", "B07"), description="Sentinel-2 red edge (20 m)"),
+        Domain("s2_nir", "sentinel2", ("B8A", "B08"), description="Sentinel-2 narrow and broad NIR"),
+        Domain("s2_swir", "sentinel2", ("B11", "B12"), description="Sentinel-2 short-wave infrared (20 m)"),
+        Domain("s2_atmos", "sentinel2", ("B01", "B09"), description="Sentinel-2 coastal aerosol, water vapour (60 m)"),
         Domain(
             "s2", "sentinel2",
-            ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B8A", "B08", "B09", "B11", "B12"), "mse",
+            ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B8A", "B08", "B09", "B11", "B12"),
             description="Sentinel-2, the 12 bands MMEarth trains on (no B10)",
         ),
         Domain(
-            "s2_rgb_normpix", "sentinel2", ("B04", "B03", "B02"), "mse", source="s2_rgb", norm_pix=True,
+            "s2_rgb_normpix", "sentinel2", ("B04", "B03", "B02"), source="s2_rgb",
             description="Sentinel-2 RGB with per-patch normalised targets (output only)",
         ),
-        Domain("s1", "sentinel1", ("asc_VV", "asc_VH"), "mse", description="Sentinel-1 ascending VV, VH (dB)"),
-        Domain("s1_desc", "sentinel1", ("desc_VV", "desc_VH"), "mse", description="Sentinel-1 descending VV, VH (dB)"),
-        Domain("elevation", "aster", ("elevation",), "l1", description="ASTER GDEM elevation (m)"),
-        Domain("slope", "aster", ("slope",), "l1", description="ASTER slope (degrees)"),
-        Domain("canopy_height", "canopy_height_eth", ("height",), "l1", description="ETH canopy height (m)"),
+        Domain("s1", "sentinel1", ("asc_VV", "asc_VH"), description="Sentinel-1 ascending VV, VH (dB)"),
+        Domain("s1_desc", "sentinel1", ("desc_VV", "desc_VH"), description="Sentinel-1 descending VV, VH (dB)"),
+        Domain("elevation", "aster", ("elevation",), description="ASTER GDEM elevation (m)"),
+        Domain("slope", "aster", ("slope",), description="ASTER slope (degrees)"),
+        Domain("canopy_height", "canopy_height_eth", ("height",), description="ETH canopy height (m)"),
         Domain(
-            "worldcover", "esa_worldcover", ("Map",), "ce", label_downsample=4,
+            "worldcover", "esa_worldcover", ("Map",), label_downsample=4,
             description="ESA WorldCover, 11 classes, majority-pooled to 1/4 resolution",
         ),
         Domain(
-            "dynamic_world", "dynamic_world", ("label",), "ce", label_downsample=4,
+            "dynamic_world", "dynamic_world", ("label",), label_downsample=4,
             description="Dynamic World, 9 classes, majority-pooled to 1/4 resolution",
         ),
     )

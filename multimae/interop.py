@@ -1,29 +1,29 @@
 """Exchange encoder weights with timm's ``VisionTransformer``.
 
-The MultiMAE encoder with one continuous input adapter is a plain ViT: the same timm blocks, a
+The multi-modal encoder with one continuous input adapter is a plain ViT: the same timm blocks, a
 patch embedding, a position embedding and learnable prefix tokens. Key mapping (as the reference's
 ``multimae2vit_converter``):
 
 =====================================  ==========================================================
-MultiMAE                               timm ``VisionTransformer``
+MultiModalEncoder                      timm ``VisionTransformer``
 =====================================  ==========================================================
 ``global_tokens`` (1, G, D)            ``cls_token`` (1, 1, D) = global token 0, and
                                        ``reg_token`` (1, G - 1, D) = the others (``reg_tokens=G-1``)
 ``input_adapters.<d>.proj.*``          ``patch_embed.proj.*``
 sin-cos buffer of the adapter (N, D)   ``pos_embed`` (1, G + N, D): G zero rows (prefix), then it
-``encoder.<i>.*``                      ``blocks.<i>.*``
+``blocks.<i>.*``                       ``blocks.<i>.*``
 (no final norm)                        ``norm``: **none**, build timm with ``final_norm=False``
 =====================================  ==========================================================
 
 Final norm (a decision): the encoder has no final LayerNorm (as the reference), and no LayerNorm
 weights reproduce the identity, so the exported dict has no ``norm.*`` keys and the timm model must
 be created with ``final_norm=False`` (and ``global_pool`` / ``fc_norm`` as the downstream task
-wants). Then timm's ``forward_features`` gives exactly :meth:`MultiMAE.encode`'s tokens, with the
+wants). Then timm's ``forward_features`` gives exactly :meth:`MultiModalEncoder.encode`'s tokens, with the
 prefix tokens first instead of last::
 
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=56, patch_size=8,
                             in_chans=3, num_classes=0, final_norm=False, reg_tokens=G - 1)
-    vit.load_state_dict(export_timm_state_dict(model, "s2_rgb"))
+    vit.load_state_dict(export_timm_state_dict(encoder, "s2_rgb"))
 
 Importing a timm ViT (:func:`load_timm_state_dict`) fills the blocks, the patch embedding of the
 chosen domain and the global tokens; timm's ``pos_embed`` and ``norm`` are not used (the encoder's
@@ -35,25 +35,25 @@ from __future__ import annotations
 import torch
 
 from multimae.domains import DOMAINS
-from multimae.model import MultiMAE
+from multimae.encoder import MultiModalEncoder
 
 __all__ = ["export_timm_state_dict", "load_timm_state_dict", "timm_vit_kwargs"]
 
 
-def _check_domain(model: MultiMAE, domain: str) -> None:
+def _check_domain(model: MultiModalEncoder, domain: str) -> None:
     if domain not in model.in_domains:
         raise ValueError(f"domain {domain!r} is not an input domain of the model ({model.in_domains})")
     if DOMAINS[domain].kind != "continuous":
         raise ValueError(f"domain {domain!r} is categorical; timm's patch embedding needs a continuous domain")
 
 
-def timm_vit_kwargs(model: MultiMAE, domain: str) -> dict:
+def timm_vit_kwargs(model: MultiModalEncoder, domain: str) -> dict:
     """Keyword arguments of ``timm.models.vision_transformer.VisionTransformer`` matching the export."""
     _check_domain(model, domain)
-    block = model.encoder[0]
+    block = model.blocks[0]
     return {
         "img_size": model.input_size,
-        "patch_size": model.patch_size,
+        "patch_size": model.patch_sizes[domain],
         "in_chans": DOMAINS[domain].num_channels,
         "embed_dim": model.dim,
         "depth": model.depth,
@@ -67,11 +67,11 @@ def timm_vit_kwargs(model: MultiMAE, domain: str) -> dict:
     }
 
 
-def export_timm_state_dict(model: MultiMAE, domain: str) -> dict[str, torch.Tensor]:
+def export_timm_state_dict(model: MultiModalEncoder, domain: str) -> dict[str, torch.Tensor]:
     """Encoder plus one continuous input adapter as a timm ``VisionTransformer`` state dict.
 
     Args:
-        model: The MultiMAE model.
+        model: The encoder (a MultiModalEncoder).
         domain: A continuous input domain whose adapter becomes ``patch_embed``.
 
     Returns:
@@ -93,16 +93,16 @@ def export_timm_state_dict(model: MultiMAE, domain: str) -> dict[str, torch.Tens
     }
     if g > 1:
         out["reg_token"] = model.global_tokens.detach()[:, 1:].clone()
-    for key, value in model.encoder.state_dict().items():
+    for key, value in model.blocks.state_dict().items():
         out[f"blocks.{key}"] = value.detach().clone()
     return out
 
 
-def load_timm_state_dict(model: MultiMAE, state_dict: dict[str, torch.Tensor], domain: str) -> dict[str, list[str]]:
+def load_timm_state_dict(model: MultiModalEncoder, state_dict: dict[str, torch.Tensor], domain: str) -> dict[str, list[str]]:
     """Load a timm ViT state dict into the encoder, the global tokens and one input adapter.
 
     Args:
-        model: The MultiMAE model (modified in place).
+        model: The encoder (a MultiModalEncoder).(modified in place).
         state_dict: timm ``VisionTransformer`` state dict with the same width and depth.
         domain: Continuous input domain that receives ``patch_embed.proj``.
 
@@ -119,7 +119,7 @@ def load_timm_state_dict(model: MultiMAE, state_dict: dict[str, torch.Tensor], d
     unused = []
     for key, value in state_dict.items():
         if key.startswith("blocks."):
-            mapped["encoder." + key[len("blocks."):]] = value
+            mapped[key] = value
         elif key.startswith("patch_embed.proj."):
             mapped[f"input_adapters.{domain}.proj.{key.rsplit('.', 1)[1]}"] = value
         elif key in ("cls_token", "reg_token"):
@@ -137,7 +137,7 @@ def load_timm_state_dict(model: MultiMAE, state_dict: dict[str, torch.Tensor], d
             raise ValueError(f"timm key for {key!r} has no counterpart in the model")
         if tuple(own[key].shape) != tuple(value.shape):
             raise ValueError(f"shape mismatch for {key!r}: model {tuple(own[key].shape)}, timm {tuple(value.shape)}")
-    expected = {k for k in own if k.startswith("encoder.")}
+    expected = {k for k in own if k.startswith("blocks.")}
     missing = sorted(expected - set(mapped))
     if missing:
         raise ValueError(f"timm state dict lacks encoder weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")

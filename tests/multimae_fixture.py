@@ -1,4 +1,4 @@
-"""Tiny MultiMAE configs and random batches for the model, masking, criterion and interop tests."""
+"""Tiny MultiMAE-EO configs and random batches for the encoder, objective, masking, criterion and interop tests."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ def tiny_cfg(input_size: int = 16, **masking) -> dict:
     """Defaults with a 32-wide, 2-block encoder and 32-wide decoders on 16 px images (patch 8 -> 4 tokens)."""
     cfg = copy.deepcopy(DEFAULTS)
     cfg["data"]["input_size"] = input_size
-    cfg["model"].update(preset={"dim": 32, "depth": 2, "heads": 2}, decoder_dim=32, decoder_heads=4,
-                        decoder_depth=1, class_embed_dim=8)
-    cfg["masking"]["num_encoded_tokens"] = 8
-    cfg["masking"].update(masking)
+    cfg["model"].update(preset={"dim": 32, "depth": 2, "heads": 2}, class_embed_dim=8)
+    cfg["multimae"]["decoder"].update(dim=32, heads=4, depth=1)
+    cfg["multimae"]["masking"]["num_encoded_tokens"] = 8
+    cfg["multimae"]["masking"].update(masking)
     return cfg
 
 

@@ -31,7 +31,7 @@ def test_masked_mse_counts_masked_tokens_and_valid_pixels_only():
 
 
 def test_loss_on_unmasked_counts_every_token():
-    crit = MultiMAECriterion(["elevation"], patch_size=P, loss_on_unmasked=True)
+    crit = MultiMAECriterion(["elevation"], patch_size=P, losses={"elevation": "l1"}, loss_on_unmasked=True)
     pred = torch.zeros(B, 1, S, S)
     target = torch.full((B, 1, S, S), -3.0)
     out = crit({"elevation": pred}, {"elevation": target}, {"elevation": torch.zeros(B, 4)})
@@ -52,7 +52,7 @@ def test_nothing_to_count_gives_zero_with_graph():
 
 def test_nodata_values_do_not_change_any_loss():
     domains = ["s2_rgb", "elevation", "worldcover", "s2_rgb_normpix"]
-    crit = MultiMAECriterion(domains, patch_size=P)
+    crit = MultiMAECriterion(domains, patch_size=P, losses={"elevation": "l1"}, norm_pix=["s2_rgb_normpix"])
     torch.manual_seed(0)
     preds = {"s2_rgb": torch.randn(B, 3, S, S), "elevation": torch.randn(B, 1, S, S),
              "worldcover": torch.randn(B, 11, 4, 4), "s2_rgb_normpix": torch.randn(B, 3, S, S)}
@@ -117,9 +117,32 @@ def test_uncertainty_weighting_formula_and_fp32_under_autocast():
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_per_domain_loss_and_norm_pix_are_the_objectives_settings():
+    pred, target = torch.zeros(B, 1, S, S), torch.full((B, 1, S, S), -3.0)
+    masks = {"elevation": torch.ones(B, 4)}
+    mse = MultiMAECriterion(["elevation"], patch_size=P)({"elevation": pred}, {"elevation": target}, masks)
+    l1 = MultiMAECriterion(["elevation"], patch_size=P, losses={"elevation": "l1"})(
+        {"elevation": pred}, {"elevation": target}, masks)
+    assert mse["elevation"].item() == pytest.approx(9.0) and l1["elevation"].item() == pytest.approx(3.0)
+    rgb = torch.randn(B, 3, S, S) * 4 + 7
+    ones = {"s2_rgb_normpix": torch.ones(B, 4)}
+    plain = MultiMAECriterion(["s2_rgb_normpix"], patch_size=P)(
+        {"s2_rgb_normpix": torch.zeros(B, 3, S, S)}, {"s2_rgb": rgb}, ones)
+    normed = MultiMAECriterion(["s2_rgb_normpix"], patch_size=P, norm_pix=["s2_rgb_normpix"])(
+        {"s2_rgb_normpix": torch.zeros(B, 3, S, S)}, {"s2_rgb": rgb}, ones)
+    assert plain["s2_rgb_normpix"].item() == pytest.approx(rgb.square().mean().item(), rel=1e-5)
+    assert normed["s2_rgb_normpix"].item() == pytest.approx((191 / 192), rel=1e-4)  # unbiased var: mean sq = (n-1)/n
+
+
 def test_bad_weighting_and_missing_target_are_named():
-    with pytest.raises(ValueError, match="loss.weighting"):
+    with pytest.raises(ValueError, match="multimae.loss.weighting"):
         MultiMAECriterion(["s2_rgb"], patch_size=P, weighting="gradnorm")
+    with pytest.raises(ValueError, match=r"multimae.loss.per_domain.worldcover: a class map uses 'ce'"):
+        MultiMAECriterion(["worldcover"], patch_size=P, losses={"worldcover": "mse"})
+    with pytest.raises(ValueError, match=r"multimae.loss.per_domain.s2_rgb: expected 'mse' or 'l1'"):
+        MultiMAECriterion(["s2_rgb"], patch_size=P, losses={"s2_rgb": "ce"})
+    with pytest.raises(ValueError, match=r"multimae.loss.norm_pix: 'elevation' is not a continuous output"):
+        MultiMAECriterion(["s2_rgb"], patch_size=P, norm_pix=["elevation"])
     crit = MultiMAECriterion(["s2_rgb_normpix"], patch_size=P)
     with pytest.raises(ValueError, match="s2_rgb_normpix.*s2_rgb"):
         crit({"s2_rgb_normpix": torch.zeros(B, 3, S, S)}, {}, {"s2_rgb_normpix": torch.ones(B, 4)})

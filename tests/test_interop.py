@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from multimae.build import build_multimae
+from multimae.build import build_encoder
 from multimae.interop import export_timm_state_dict, load_timm_state_dict, timm_vit_kwargs
 from tests.multimae_fixture import tiny_cfg
 
@@ -13,8 +13,7 @@ def _model(num_global_tokens=1):
     cfg = tiny_cfg()
     cfg["model"]["num_global_tokens"] = num_global_tokens
     cfg["in_domains"] = ["s2_rgb", "elevation", "worldcover"]
-    cfg["out_domains"] = ["s2_rgb"]
-    return build_multimae(cfg).eval()
+    return build_encoder(cfg).eval()
 
 
 @pytest.mark.parametrize("num_global_tokens", [1, 2])
@@ -27,7 +26,7 @@ def test_exported_encoder_gives_the_same_features_in_timm(num_global_tokens):
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
     vit.load_state_dict(state)  # strict: every key maps
     x = torch.randn(2, 1, 16, 16)
-    ours = model._run_encoder(model.input_adapters["elevation"](x))  # (B, N + G, D), global tokens last
+    ours = model.forward_blocks(model.input_adapters["elevation"](x))  # (B, N + G, D), global tokens last
     theirs = vit.forward_features(x)  # (B, G + N, D), prefix tokens first
     g = num_global_tokens
     torch.testing.assert_close(theirs[:, g:], ours[:, :-g], rtol=1e-4, atol=1e-5)
@@ -42,9 +41,9 @@ def test_timm_state_dict_loads_back_into_the_encoder():
     report = load_timm_state_dict(target, vit.state_dict(), "s2_rgb")
     assert report["unused"] == ["pos_embed"]
     assert "input_adapters.elevation.proj.weight" in report["not_loaded"]
-    assert not any(k.startswith("encoder.") for k in report["not_loaded"])
+    assert not any(k.startswith("blocks.") for k in report["not_loaded"])
     for key, value in source.state_dict().items():
-        if key.startswith(("encoder.", "global_tokens", "input_adapters.s2_rgb.")):
+        if key.startswith(("blocks.", "global_tokens", "input_adapters.s2_rgb.")):
             assert torch.equal(target.state_dict()[key], value), key
 
 

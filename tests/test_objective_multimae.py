@@ -1,4 +1,4 @@
-"""MultiMAE model: gradients, shapes, no-data handling, determinism, errors, summary of the default config."""
+"""The MultiMAE-EO objective: gradients, shapes, no-data handling, determinism, errors, summary of the default config."""
 
 import copy
 import re
@@ -6,9 +6,7 @@ import re
 import pytest
 import torch
 
-from multimae.build import PRESETS, build_criterion, build_multimae, model_summary
-from multimae.decoders import decode_all
-from multimae.masking import mask_to_ids, random_masks
+from multimae.build import PRESETS, build_pretraining, model_summary
 from tests.multimae_fixture import DEFAULTS, random_batch, tiny_cfg
 
 N_D = 4  # tokens per domain at 16 px, patch 8
@@ -18,47 +16,51 @@ def _every_domain_visible_and_masked(model, batch_size):
     """Given masks: token 0 of every domain visible, the rest masked (so every embedding is used)."""
     mask = torch.ones(batch_size, N_D)
     mask[:, 0] = 0
-    return {d: mask.clone() for d in model.in_domains}
+    return {d: mask.clone() for d in model.encoder.in_domains}
 
 
 def test_every_parameter_gets_a_gradient_with_all_domains_on():
     torch.manual_seed(0)  # drop path is random
     cfg = tiny_cfg()
-    cfg["loss"]["weighting"] = "uncertainty"
+    cfg["multimae"]["loss"]["weighting"] = "uncertainty"
     cfg["model"]["domain_embed"] = True
     cfg["model"]["drop_path"] = 0.1
-    model, crit = build_multimae(cfg), build_criterion(cfg)
+    model = build_pretraining(cfg)
     inputs, valid = random_batch(cfg, 4, invalid=False)
-    preds, masks = model(inputs, valid=valid, masks=_every_domain_visible_and_masked(model, 4))
-    crit(preds, inputs, masks, valid)["loss"].backward()
-    missing = [n for n, p in list(model.named_parameters()) + list(crit.named_parameters()) if p.grad is None]
+    preds, masks = model.predict(inputs, valid=valid, masks=_every_domain_visible_and_masked(model, 4))
+    model.criterion(preds, inputs, masks, valid)["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing
     silent = [n for n, p in model.named_parameters() if torch.count_nonzero(p.grad) == 0]
     assert silent == []  # class_embed gets a (partly) non-zero gradient, its no-data row stays zero
-    assert torch.count_nonzero(model.input_adapters["worldcover"].class_embed.weight.grad[-1]) == 0
+    assert torch.count_nonzero(model.encoder.input_adapters["worldcover"].class_embed.weight.grad[-1]) == 0
 
 
 def test_parameter_names_and_no_weight_decay():
-    model = build_multimae(tiny_cfg())
-    prefixes = {n.split(".")[0] for n, _ in model.named_parameters()}
-    assert prefixes == {"input_adapters", "encoder", "global_tokens", "output_adapters"}
-    assert "encoder.1.attn.qkv.weight" in dict(model.named_parameters())
-    assert model.global_tokens.shape == (1, 1, 32)
+    model = build_pretraining(tiny_cfg())
+    prefixes = {".".join(n.split(".")[:2]) for n, _ in model.named_parameters()}
+    assert prefixes == {"encoder.input_adapters", "encoder.blocks", "encoder.global_tokens"} | {
+        f"decoders.{d}" for d in DEFAULTS["multimae"]["out_domains"]}
+    assert "encoder.blocks.1.attn.qkv.weight" in dict(model.named_parameters())
+    assert model.encoder.global_tokens.shape == (1, 1, 32)
     names = set(dict(model.named_parameters()))
     nwd = model.no_weight_decay()
-    assert nwd <= names and "global_tokens" in nwd
-    assert "output_adapters.s2_rgb.mask_token" in nwd and "input_adapters.worldcover.class_embed.weight" in nwd
+    assert nwd <= names and "encoder.global_tokens" in nwd
+    assert "decoders.s2_rgb.mask_token" in nwd and "encoder.input_adapters.worldcover.class_embed.weight" in nwd
+    assert "decoders.elevation.domain_embeds.s2_rgb" in nwd
     assert not any("pos_embed" in k for k in model.state_dict())  # buffers are not persistent
+    assert model.objective_state()["name"] == "multimae"
+    assert not any(k.startswith("encoder.") for k in model.objective_state()["state_dict"])
 
 
 def test_output_shapes_including_categorical_and_decode_only():
     cfg = tiny_cfg(input_size=32)
     cfg["in_domains"] = ["s2_rgb", "worldcover"]
-    cfg["out_domains"] = ["s2_rgb", "worldcover", "s2_rgb_normpix", "elevation", "dynamic_world"]
-    model = build_multimae(cfg)
-    assert model.tokens_per_domain["s2_rgb"] == 16
+    cfg["multimae"]["out_domains"] = ["s2_rgb", "worldcover", "s2_rgb_normpix", "elevation", "dynamic_world"]
+    model = build_pretraining(cfg)
+    assert model.encoder.layout()["s2_rgb"].num_tokens == 16
     inputs, valid = random_batch(cfg, 2)
-    preds, masks = model(inputs, valid=valid)
+    preds, masks = model.predict(inputs, valid=valid)
     assert preds["s2_rgb"].shape == (2, 3, 32, 32)
     assert preds["s2_rgb_normpix"].shape == (2, 3, 32, 32)
     assert preds["worldcover"].shape == (2, 11, 8, 8)
@@ -68,34 +70,35 @@ def test_output_shapes_including_categorical_and_decode_only():
     assert torch.equal(masks["s2_rgb_normpix"], masks["s2_rgb"])
     assert (masks["elevation"] == 1).all()
     assert ((1 - masks["s2_rgb"] + 1 - masks["worldcover"]).sum(dim=1) == 8).all()
-    tokens = model.encode(inputs, valid=valid)
+    tokens = model.encoder.encode(inputs, valid=valid)
     assert tokens.shape == (2, 2 * 16 + 1, 32)
 
 
-def test_batched_decoders_equal_one_by_one():
-    cfg = tiny_cfg()
-    cfg["out_domains"] = DEFAULTS["out_domains"] + ["canopy_height"]  # includes a decode-only domain
-    model = build_multimae(cfg)
-    assert model.batch_decoders
-    inputs, valid = random_batch(cfg)
-    tokens, token_valid, grid = model._tokenize(inputs, valid)
-    mask = random_masks([N_D] * 6, 3, 8, 1.0, token_valid=token_valid)
-    ids_keep, ids_restore = mask_to_ids(mask)
-    encoded = model._run_encoder(torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, 32)))
-    decoders = list(model.output_adapters.values())
-    batched = decode_all(decoders, encoded, ids_keep, ids_restore, grid)
-    for out, decoder in zip(batched, decoders):
-        torch.testing.assert_close(out, decoder(encoded, ids_keep, ids_restore, grid), rtol=1e-5, atol=1e-5)
+def test_domains_with_their_own_patch_size():
+    cfg = tiny_cfg(input_size=32)
+    cfg["in_domains"] = ["s2_rgb", "s2_atmos", "worldcover"]
+    cfg["model"]["patch_sizes"] = {"s2_atmos": 16, "elevation": 16}
+    cfg["multimae"]["out_domains"] = ["s2_rgb", "s2_atmos", "worldcover", "elevation"]
+    cfg["multimae"]["masking"]["num_encoded_tokens"] = 10
+    model = build_pretraining(cfg)
+    layout = model.encoder.layout()
+    assert layout.tokens_per_domain == [16, 4, 16] and layout["s2_atmos"].grid == (2, 2)
+    inputs, valid = random_batch(cfg, 2)
+    preds, masks = model.predict(inputs, valid=valid)
+    assert preds["s2_atmos"].shape == (2, 2, 32, 32) and masks["s2_atmos"].shape == (2, 4)
+    assert preds["elevation"].shape == (2, 1, 32, 32) and masks["elevation"].shape == (2, 4)  # decode-only, 16 px
+    assert sum((1 - masks[d]).sum(dim=1) for d in cfg["in_domains"]).eq(10).all()
+    out = model({"inputs": inputs, "valid": valid})
+    assert torch.isfinite(out["loss"]) and set(out) >= {"s2_atmos", "elevation"}
 
 
 def test_nodata_pixels_do_not_change_the_loss():
     cfg = tiny_cfg()
-    model, crit = build_multimae(cfg).eval(), build_criterion(cfg)
+    model = build_pretraining(cfg).eval()
     inputs, valid = random_batch(cfg)
 
     def loss(batch):
-        preds, masks = model(batch, valid=valid, generator=torch.Generator().manual_seed(0))
-        return crit(preds, batch, masks, valid)["loss"]
+        return model({"inputs": batch, "valid": valid}, generator=torch.Generator().manual_seed(0))["loss"]
 
     changed = copy.deepcopy(inputs)
     for name, x in changed.items():
@@ -108,16 +111,16 @@ def test_nodata_pixels_do_not_change_the_loss():
 
 def test_entirely_nodata_patches_are_not_encoded():
     cfg = tiny_cfg(num_encoded_tokens=4)
-    model = build_multimae(cfg)
+    model = build_pretraining(cfg)
     inputs, valid = random_batch(cfg, 64, invalid=False)
     for name in ("s2_rgb", "s2_rededge", "s2_nir"):  # three domains missing entirely
         valid[name][:] = False
     valid["elevation"][:, :8, :8] = False  # and the first patch of elevation
-    _, masks = model(inputs, valid=valid)
+    _, masks = model.predict(inputs, valid=valid)
     for name in ("s2_rgb", "s2_rededge", "s2_nir"):
         assert (masks[name] == 1).all()
     assert (masks["elevation"][:, 0] == 1).all()
-    assert sum((1 - masks[d]).sum(dim=1) for d in model.in_domains).eq(4).all()
+    assert sum((1 - masks[d]).sum(dim=1) for d in model.encoder.in_domains).eq(4).all()
 
 
 def test_seeded_runs_are_deterministic():
@@ -126,8 +129,8 @@ def test_seeded_runs_are_deterministic():
 
     def run():
         torch.manual_seed(0)
-        model = build_multimae(cfg)
-        preds, masks = model(inputs, valid=valid)
+        model = build_pretraining(cfg)
+        preds, masks = model.predict(inputs, valid=valid)
         return preds, masks
 
     (p1, m1), (p2, m2) = run(), run()
@@ -136,22 +139,22 @@ def test_seeded_runs_are_deterministic():
 
 
 def test_other_image_size_loads_the_same_state_dict():
-    small = build_multimae(tiny_cfg(input_size=16))
-    large = build_multimae(tiny_cfg(input_size=32))
+    small = build_pretraining(tiny_cfg(input_size=16))
+    large = build_pretraining(tiny_cfg(input_size=32))
     large.load_state_dict(small.state_dict())  # strict: position embeddings are not in it
     inputs, valid = random_batch(tiny_cfg(input_size=32), 2)
-    assert small.encode(inputs, valid=valid).shape == (2, 6 * 16 + 1, 32)  # its own grid, no interpolation
+    assert small.encoder.encode(inputs, valid=valid).shape == (2, 6 * 16 + 1, 32)  # its own grid, no interpolation
 
 
 def _bad(cfg_change=None, batch_change=None, **forward):
     cfg = tiny_cfg()
     if cfg_change:
         cfg_change(cfg)
-    model = build_multimae(cfg)
+    model = build_pretraining(cfg)
     inputs, valid = random_batch(tiny_cfg())
     if batch_change:
         batch_change(inputs, valid)
-    model(inputs, valid=valid, **forward)
+    model.predict(inputs, valid=valid, **forward)
 
 
 @pytest.mark.parametrize(
@@ -163,13 +166,19 @@ def _bad(cfg_change=None, batch_change=None, **forward):
         ({"batch_change": lambda i, v: i.update(elevation=i["elevation"].long())}, "'elevation': expected a float"),
         ({"batch_change": lambda i, v: i.update(worldcover=i["worldcover"] + 20)}, "'worldcover': class ids"),
         ({"num_encoded_tokens": 25}, "masking.num_encoded_tokens"),
-        ({"cfg_change": lambda c: c["masking"].update(num_encoded_tokens=25)}, "masking.num_encoded_tokens"),
+        ({"cfg_change": lambda c: c["multimae"]["masking"].update(num_encoded_tokens=25)},
+         "multimae.masking.num_encoded_tokens"),
         ({"cfg_change": lambda c: c["model"].update(preset="huge")}, "model.preset"),
         ({"cfg_change": lambda c: c["model"].update(patch_size=5)}, "data.input_size 16 is not divisible"),
-        ({"cfg_change": lambda c: c["model"].pop("decoder_dim")}, "model.decoder_dim"),
+        ({"cfg_change": lambda c: c["model"].update(patch_sizes={"s2_nir": 3})},
+         "not divisible by model.patch_sizes.s2_nir 3"),
+        ({"cfg_change": lambda c: c["model"].update(ffn="moe_x")}, "model.ffn: unknown feed-forward kind"),
         ({"cfg_change": lambda c: c.update(in_domains=["s2_rgb", "sentinel_3"])}, "in_domains: unknown domain"),
         ({"cfg_change": lambda c: c.update(in_domains=["s2_rgb_normpix"])}, "in_domains: 's2_rgb_normpix' is output-only"),
-        ({"cfg_change": lambda c: c["masking"].update(alphas=[1.0, 2.0])}, "masking.alphas"),
+        ({"cfg_change": lambda c: c["multimae"].update(out_domains=[])}, "multimae.out_domains is empty"),
+        ({"cfg_change": lambda c: c["multimae"].update(out_domains=["s2_rgb", "s2_rgb"])}, "lists a domain twice"),
+        ({"cfg_change": lambda c: c.update(objective="simclr")}, "unknown objective 'simclr'"),
+        ({"cfg_change": lambda c: c["multimae"]["masking"].update(alphas=[1.0, 2.0])}, "masking.alphas"),
     ],
 )
 def test_bad_input_errors_name_the_domain_or_key(kwargs, message):
@@ -178,11 +187,11 @@ def test_bad_input_errors_name_the_domain_or_key(kwargs, message):
 
 
 def test_image_size_not_divisible_by_patch_size():
-    model = build_multimae(tiny_cfg())
+    model = build_pretraining(tiny_cfg())
     inputs, _ = random_batch(tiny_cfg())
     inputs = {k: v[..., :12, :12] for k, v in inputs.items()}
     with pytest.raises(ValueError, match="'s2_rgb': image size 12 x 12 px is not divisible by the patch size 8"):
-        model(inputs)
+        model.predict(inputs)
 
 
 def test_default_config_summary_matches_reference_geometry():
@@ -192,4 +201,5 @@ def test_default_config_summary_matches_reference_geometry():
     params = int(values["trainable_params"])
     assert abs(params - 90.78e6) / 90.78e6 < 0.03, params
     assert "worldcover" in values["in_domains"] and "s2_rgb_normpix" in values["out_domains"]
+    assert values["objective"] == "multimae" and "elevation: 49 tokens, grid 7 x 7, patch 8 px (80 m)" in text
     assert PRESETS["base"] == {"dim": 768, "depth": 12, "heads": 12}

@@ -1,0 +1,408 @@
+"""The multi-modal encoder every objective trains: input adapters, token layout, global tokens, timm blocks.
+
+Bachmann et al., "MultiMAE: Multi-modal Multi-task Masked Autoencoders", ECCV 2022, as applied to MMEarth by
+Sosa et al., "MultiMAE Meets Earth Observation", ICIP 2025; the same encoder serves the other objectives of
+:mod:`multimae.objectives`. One pass:
+
+1. :meth:`MultiModalEncoder.tokenize`: every input domain's pixels become N_d tokens (:mod:`multimae.adapters`)
+   with a fixed sin-cos position embedding (and, optionally, a learned per-domain embedding), concatenated
+   in ``in_domains`` order into N = sum N_d tokens; the :class:`~multimae.layout.TokenLayout` says which
+   token is where. Each domain may have its own patch size.
+2. An objective chooses which tokens the encoder sees (masking is the objective's business).
+3. :meth:`MultiModalEncoder.encode_visible`: the chosen K tokens plus G learned global tokens (appended
+   **last**) pass through ``depth`` timm ViT blocks (fused ``scaled_dot_product_attention``, stochastic
+   depth linear over depth, no final norm, as in the reference). :meth:`MultiModalEncoder.encode` does
+   1 and 3 with every token visible (fine-tuning, probes, pictures).
+
+Parameter names: ``input_adapters.<domain>.*``, ``blocks.<i>.*`` (timm's ``blocks.<i>.*``), ``global_tokens``
+and, with ``domain_embed``, ``domain_embeds.<domain>``. Position embeddings are non-persistent buffers.
+
+The feed-forward of every block is pluggable (timm ``Block(mlp_layer=...)``): :data:`FFN_LAYERS` maps a
+name to a factory; a feed-forward module may set an ``aux_loss`` attribute during its forward (e.g. a
+mixture-of-experts load-balance loss), which :meth:`MultiModalEncoder.pop_aux_loss` collects for the
+objective's total.
+
+No-data handling: pixels where ``valid`` is False are set to 0 (continuous) or ``IGNORE_INDEX`` (class
+maps) before the adapters, so their stored values cannot change any output; token validity (a patch with at
+least one valid pixel) goes to the objective with the tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from timm.layers import Mlp
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from multimae.adapters import CategoricalAdapter, PatchAdapter, patch_validity
+from multimae.domains import DOMAINS, IGNORE_INDEX, Domain
+from multimae.layout import TokenLayout
+
+__all__ = ["FFN_LAYERS", "MultiModalEncoder", "Tokens", "init_linear_layers", "resolve_domain"]
+
+#: Feed-forward kinds of the encoder blocks: name -> factory(options, block index, depth) -> ``mlp_layer``
+#: for timm's ``Block`` (called as ``mlp_layer(in_features=, hidden_features=, act_layer=, ...)``).
+FFN_LAYERS: dict[str, Callable[[dict, int, int], Callable[..., nn.Module]]] = {
+    "mlp": lambda options, index, depth: Mlp,
+}
+
+#: Keys of :attr:`MultiModalEncoder.spec`, the architecture a checkpoint stores to rebuild the encoder.
+SPEC_KEYS = ("in_domains", "input_size", "patch_size", "patch_sizes", "dim", "depth", "num_heads", "mlp_ratio",
+             "num_global_tokens", "domain_embed", "class_embed_dim", "gsd", "ffn", "ffn_options")
+
+
+def resolve_domain(name: str, key: str) -> Domain:
+    """Look a pixel-level domain up in the registry; ``key`` names the config field for the error message.
+
+    Raises:
+        ValueError: unknown domain (the message lists the known ones), or not a pixel-level continuous or
+            categorical map.
+    """
+    if name not in DOMAINS:
+        raise ValueError(f"{key}: unknown domain {name!r}; known domains: {', '.join(DOMAINS)}")
+    dom = DOMAINS[name]
+    if dom.level != "pixel" or dom.kind not in ("continuous", "categorical"):
+        raise ValueError(f"{key}: domain {name!r} is not a pixel-level continuous or categorical map")
+    return dom
+
+
+def init_linear_layers(module: nn.Module) -> None:
+    """MAE / MultiMAE initialisation of every ``nn.Linear`` inside ``module``, in ``named_modules`` order.
+
+    Xavier-uniform per sub-matrix: a fused ``qkv`` projection counts as 3 matrices and a fused ``kv`` as 2
+    (their fan-out is divided accordingly), biases are zeroed.
+    """
+    for name, sub in module.named_modules():
+        if not isinstance(sub, nn.Linear):
+            continue
+        fan_out, fan_in = sub.weight.shape
+        parts = 3 if name.endswith("qkv") else 2 if name.endswith(".kv") or name == "kv" else 1
+        bound = (6.0 / (fan_out / parts + fan_in)) ** 0.5
+        nn.init.uniform_(sub.weight, -bound, bound)
+        if sub.bias is not None:
+            nn.init.zeros_(sub.bias)
+
+
+@dataclass
+class Tokens:
+    """The output of :meth:`MultiModalEncoder.tokenize`.
+
+    Attributes:
+        tokens: (B, N, D) patch tokens of every input domain with their position (and domain) embeddings,
+            in layout order.
+        valid: bool (B, N), True where a token's patch holds at least one valid pixel; None when the batch
+            carried no validity masks (every token valid).
+        layout: Where each domain's tokens are (:class:`~multimae.layout.TokenLayout`).
+    """
+
+    tokens: torch.Tensor
+    valid: torch.Tensor | None
+    layout: TokenLayout
+
+
+class MultiModalEncoder(nn.Module):
+    """Input adapters + shared ViT encoder over the tokens of several domains.
+
+    Args:
+        in_domains: Input domains (registry names), in token order.
+        input_size: Image side in pixels the position-embedding buffers are built for (other sizes divisible
+            by every patch size work too).
+        patch_size: Base patch side p0 in pixels: the patch size of every domain not in ``patch_sizes`` and
+            the unit of token positions.
+        patch_sizes: Per-domain patch sizes ``{domain: px}`` that differ from ``patch_size``.
+        dim: Token width D.
+        depth: Encoder blocks.
+        num_heads: Attention heads.
+        mlp_ratio: Feed-forward hidden width / D.
+        num_global_tokens: Learnable global tokens G appended after the patch tokens.
+        drop_path: Stochastic depth rate of the last block (linear from 0 over the blocks).
+        domain_embed: Add a learned per-domain embedding to input tokens (off = reference).
+        class_embed_dim: Class-embedding width of categorical input adapters.
+        gsd: Ground sample distance of the input pixels in metres (10 for MMEarth); recorded in the layout.
+        ffn: Feed-forward kind of the blocks, a key of :data:`FFN_LAYERS`.
+        ffn_options: Options of that feed-forward kind.
+        init_weights: Initialise the weights now (:meth:`init_weights`). An objective that builds further
+            modules first passes False and calls :meth:`init_weights` itself, so the initialisation order
+            of the whole model is fixed by the objective.
+
+    Raises:
+        ValueError: On unknown, duplicate or output-only domains, a patch size that does not divide the input
+            size, or an unknown feed-forward kind (the message names the config key).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_domains: Sequence[str],
+        input_size: int,
+        patch_size: int = 8,
+        patch_sizes: dict[str, int] | None = None,
+        dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_global_tokens: int = 1,
+        drop_path: float = 0.0,
+        domain_embed: bool = False,
+        class_embed_dim: int = 64,
+        gsd: float | None = 10.0,
+        ffn: str = "mlp",
+        ffn_options: dict | None = None,
+        init_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        in_domains = list(in_domains)
+        if not in_domains:
+            raise ValueError("in_domains is empty")
+        if len(set(in_domains)) != len(in_domains):
+            raise ValueError(f"in_domains lists a domain twice: {in_domains}")
+        for name in in_domains:
+            dom = resolve_domain(name, "in_domains")
+            if dom.is_output_only:
+                raise ValueError(f"in_domains: {name!r} is output-only (a target derived from {dom.source!r})")
+        patch_sizes = dict(patch_sizes or {})
+        for name, p in patch_sizes.items():
+            if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+                raise ValueError(f"model.patch_sizes.{name}: expected a positive number of pixels, got {p!r}")
+        if num_global_tokens < 1:
+            raise ValueError(f"model.num_global_tokens must be >= 1, got {num_global_tokens}")
+        if ffn not in FFN_LAYERS:
+            raise ValueError(f"model.ffn: unknown feed-forward kind {ffn!r}; choose one of {', '.join(FFN_LAYERS)}")
+        self.in_domains = in_domains
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.patch_sizes = {d: patch_sizes.get(d, patch_size) for d in in_domains}
+        for name, p in self.patch_sizes.items():
+            if input_size % p != 0:
+                key = f"model.patch_sizes.{name}" if name in patch_sizes else "model.patch_size"
+                raise ValueError(f"data.input_size {input_size} is not divisible by {key} {p}")
+        self.dim = dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.num_global_tokens = num_global_tokens
+        self.domain_embed = domain_embed
+        self.class_embed_dim = class_embed_dim
+        self.gsd = gsd
+        self.ffn, self.ffn_options = ffn, dict(ffn_options or {})
+        self._extra_patch_sizes = {d: p for d, p in patch_sizes.items() if d not in in_domains}
+
+        self.input_adapters = nn.ModuleDict()
+        for name in in_domains:
+            dom = DOMAINS[name]
+            p = self.patch_sizes[name]
+            if dom.kind == "categorical":
+                self.input_adapters[name] = CategoricalAdapter(
+                    name, dom.num_classes, dim, patch_size=p, input_size=input_size,
+                    label_downsample=dom.label_downsample, class_embed_dim=class_embed_dim, base_patch_size=patch_size,
+                )
+            else:
+                self.input_adapters[name] = PatchAdapter(
+                    name, dom.num_channels, dim, patch_size=p, input_size=input_size, base_patch_size=patch_size
+                )
+        self.domain_embeds = (
+            nn.ParameterDict([(d, nn.Parameter(torch.zeros(1, 1, dim))) for d in in_domains]) if domain_embed else None
+        )
+        self.global_tokens = nn.Parameter(torch.zeros(1, num_global_tokens, dim))
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate,
+                  norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                  mlp_layer=FFN_LAYERS[ffn](self.ffn_options, i, depth))
+            for i, rate in enumerate(rates)
+        )
+        if init_weights:
+            self.init_weights()
+
+    # ------------------------------------------------------------------ construction helpers
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The architecture as plain types: everything :meth:`from_spec` needs to rebuild this encoder."""
+        return {
+            "in_domains": list(self.in_domains), "input_size": self.input_size, "patch_size": self.patch_size,
+            "patch_sizes": {d: p for d, p in self.patch_sizes.items() if p != self.patch_size},
+            "dim": self.dim, "depth": self.depth, "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio,
+            "num_global_tokens": self.num_global_tokens, "domain_embed": self.domain_embed,
+            "class_embed_dim": self.class_embed_dim, "gsd": self.gsd, "ffn": self.ffn,
+            "ffn_options": dict(self.ffn_options),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], *, in_domains: Sequence[str] | None = None, input_size: int | None = None,
+                  drop_path: float = 0.0, init_weights: bool = True) -> "MultiModalEncoder":
+        """Rebuild an encoder from :attr:`spec`, optionally for other input domains or another image size.
+
+        Domains not in the spec get adapters of the spec's settings (the base patch size unless the spec
+        names one for them).
+
+        Raises:
+            ValueError: the spec lacks a key (it names the key) or holds an invalid value.
+        """
+        missing = [k for k in SPEC_KEYS if k not in spec]
+        if missing:
+            raise ValueError(f"encoder spec lacks {', '.join(missing)} (not an encoder of this code base?)")
+        kwargs = {k: spec[k] for k in SPEC_KEYS}
+        if in_domains is not None:
+            kwargs["in_domains"] = list(in_domains)
+        kwargs["patch_sizes"] = {d: p for d, p in spec["patch_sizes"].items() if d in kwargs["in_domains"]}
+        if input_size is not None:
+            kwargs["input_size"] = input_size
+        return cls(**kwargs, drop_path=drop_path, init_weights=init_weights)
+
+    def init_weights(self) -> None:
+        """MAE / MultiMAE initialisation: trunc-normal (std 0.02) global tokens and domain embeddings, then
+        xavier-uniform Linear layers of the blocks (:func:`init_linear_layers`); adapters initialise themselves."""
+        nn.init.trunc_normal_(self.global_tokens, std=0.02)
+        if self.domain_embeds is not None:
+            for p in self.domain_embeds.values():
+                nn.init.trunc_normal_(p, std=0.02)
+        init_linear_layers(self)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay: tokens and embeddings (position embeddings are buffers)."""
+        names = {"global_tokens"}
+        for name, _ in self.named_parameters():
+            if name.startswith("domain_embeds.") or name.endswith(".class_embed.weight"):
+                names.add(name)
+        return names
+
+    # ------------------------------------------------------------------ layout and tokens
+    def layout(self, image_size: tuple[int, int] | int | None = None) -> TokenLayout:
+        """The token layout of an input of ``image_size`` (H, W) pixels (default: ``input_size``).
+
+        Raises:
+            ValueError: a side not divisible by a domain's patch size.
+        """
+        if image_size is None:
+            image_size = self.input_size
+        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        entries = []
+        for name in self.in_domains:
+            p = self.patch_sizes[name]
+            if h % p or w % p:
+                raise ValueError(f"domain {name!r}: image size {h} x {w} px is not divisible by its patch size {p}")
+            entries.append((name, (h // p) * (w // p), (h // p, w // p), p, self.gsd))
+        return TokenLayout.build(entries, num_global_tokens=self.num_global_tokens, base_patch_size=self.patch_size,
+                                 image_size=(h, w))
+
+    def patch_size_of(self, domain: str) -> int:
+        """Patch size of ``domain``: its adapter's, a ``model.patch_sizes`` entry, or the base patch size.
+
+        Decode-only domains of an objective use this too, so their grids follow the config.
+        """
+        return self.patch_sizes.get(domain, self._extra_patch_sizes.get(domain, self.patch_size))
+
+    def _check_inputs(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None) -> None:
+        shapes = {}
+        for name in self.in_domains:
+            if name not in inputs:
+                raise ValueError(f"batch has no input domain {name!r} (in_domains: {self.in_domains})")
+            x = inputs[name]
+            if DOMAINS[name].kind == "continuous" and not x.is_floating_point():
+                raise ValueError(f"domain {name!r}: expected a float tensor (B, C, H, W), got {x.dtype}")
+            shapes[name] = tuple(x.shape[-2:]) + (x.shape[0],)
+            if valid is not None and name in valid:
+                expected = (x.shape[0], *x.shape[-2:])
+                if tuple(valid[name].shape) != expected or valid[name].dtype != torch.bool:
+                    raise ValueError(
+                        f"valid[{name!r}] must be bool {expected}, got {valid[name].dtype} {tuple(valid[name].shape)}"
+                    )
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"input domains differ in batch size or image size (H, W, B): {shapes}")
+
+    def tokenize(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> Tokens:
+        """Embed every input domain.
+
+        Args:
+            inputs: {domain: float (B, C, H, W) z-scored, or int64 class map (B, H, W)} for every in_domain;
+                other keys are ignored.
+            valid: Optional {domain: bool (B, H, W)}, True where the pixel is valid.
+
+        Returns:
+            :class:`Tokens`: (B, N, D) tokens, (B, N) token validity (or None) and the layout.
+
+        Raises:
+            ValueError: a missing domain, a wrong channel count, dtype or image size.
+        """
+        self._check_inputs(inputs, valid)
+        tokens, token_valid = [], []
+        for name in self.in_domains:
+            x, v = inputs[name], None if valid is None else valid.get(name)
+            if DOMAINS[name].kind == "categorical":
+                if v is not None:
+                    x = torch.where(v, x, IGNORE_INDEX)
+                v = x != IGNORE_INDEX  # no-data pixels, whether marked in the map or by valid
+            elif v is not None:
+                x = torch.where(v.unsqueeze(1), x, 0.0)
+            t = self.input_adapters[name](x)  # (B, N_d, D); checks channels, dtype, size
+            if self.domain_embeds is not None:
+                t = t + self.domain_embeds[name]
+            tokens.append(t)
+            token_valid.append(None if v is None else patch_validity(v, self.patch_sizes[name]))
+        h, w = inputs[self.in_domains[0]].shape[-2:]
+        layout = self.layout((h, w))
+        if any(tv is not None for tv in token_valid):
+            b = tokens[0].shape[0]
+            token_valid = [torch.ones(b, seg.num_tokens, dtype=torch.bool, device=tokens[0].device) if tv is None
+                           else tv for tv, seg in zip(token_valid, layout.segments)]
+            all_valid = torch.cat(token_valid, dim=1)
+        else:
+            all_valid = None
+        return Tokens(torch.cat(tokens, dim=1), all_valid, layout)
+
+    # ------------------------------------------------------------------ transformer
+    def forward_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append the global tokens and run the blocks: (B, K, D) -> (B, K + G, D)."""
+        x = torch.cat([tokens, self.global_tokens.expand(tokens.shape[0], -1, -1).to(tokens.dtype)], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def encode_visible(self, tokens: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encode the chosen tokens of each sample.
+
+        Args:
+            tokens: (B, N, D) from :meth:`tokenize`.
+            ids_keep: int64 (B, K), positions (0..N-1) of the tokens each sample shows the encoder, in the
+                order they are fed (see :func:`multimae.masking.mask_to_ids`).
+
+        Returns:
+            (B, K + G, D): the K encoded tokens in ``ids_keep`` order, then the G global tokens.
+        """
+        visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # (B, K, D)
+        return self.forward_blocks(visible)
+
+    def encode(self, inputs: dict[str, torch.Tensor], *, valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Encode every token of every input domain (no masking): fine-tuning, probes, pictures.
+
+        Args:
+            inputs: {domain: float (B, C, H, W) or int64 class map (B, H, W)} for every in_domain.
+            valid: Optional {domain: bool (B, H, W)}; invalid pixels are filled before embedding.
+
+        Returns:
+            (B, N + G, D): the tokens of each input domain in layout order (each row-major over its grid),
+            then the G global tokens **last**.
+        """
+        return self.forward_blocks(self.tokenize(inputs, valid).tokens)
+
+    def forward(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Same as :meth:`encode`."""
+        return self.encode(inputs, valid=valid)
+
+    def pop_aux_loss(self) -> torch.Tensor | None:
+        """Sum of the ``aux_loss`` tensors the blocks' feed-forward modules set in the last forward, or None.
+
+        Each collected attribute is reset to None, so a loss is counted once.
+        """
+        total = None
+        for block in self.blocks:
+            loss = getattr(block.mlp, "aux_loss", None)
+            if loss is not None:
+                total = loss if total is None else total + loss
+                block.mlp.aux_loss = None
+        return total
