@@ -1,8 +1,10 @@
 """MultiMAE fine-tuning, linear probing and kNN on classification, multi-label and segmentation tasks.
 
     python run_finetuning.py --config cfgs/finetune/demo.yaml data_path=DATA finetune.checkpoint=CKPT output_dir=OUT
-    python run_finetuning.py --config cfgs/finetune/m-eurosat.yaml data_path=GEO_BENCH finetune.checkpoint=CKPT
-    torchrun --nproc_per_node=4 run_finetuning.py --config cfgs/finetune/m-bigearthnet.yaml ...
+    python run_finetuning.py --config cfgs/finetune/geobench.yaml --config cfgs/finetune/geobench/m-eurosat.yaml \
+        data_path=GEO_BENCH finetune.checkpoint=CKPT
+    torchrun --nproc_per_node=4 run_finetuning.py --config cfgs/finetune/geobench.yaml \
+        --config cfgs/finetune/geobench/m-bigearthnet.yaml ...
 
 Protocols (``finetune.protocol``): ``finetune`` (whole model, layer-wise lr decay, no weight decay on norms and
 biases), ``linear_probe`` (frozen encoder, trained head), ``knn`` (frozen encoder, k = 20 cosine neighbours).
@@ -11,11 +13,14 @@ lists) fine-tunes the same checkpoint once per input subset into ``<output_dir>/
 writes one table, with the score of the majority-class baseline. Results: ``<output_dir>/results.json``
 ``{"metrics": {"val": {...}, "test": {...}}, ...}``; the best epoch by the validation metric is kept in
 ``checkpoint-best.pth`` and evaluated on test at the end. Re-running a command resumes from
-``checkpoint-last.pth`` (saved at each epoch end). Every key: ``cfgs/defaults.yaml``.
+``checkpoint-last.pth``. Every key: ``cfgs/defaults.yaml``; several ``--config`` files merge in order.
 
-Shared with ``run_pretraining.py``: config, torchrun set-up, loaders (``utils.sampler.make_loader``), optimiser
-groups and schedule, the engine, checkpoints and the logger; what this script owns is the task step, evaluation,
-the pretrained-weight load (``utils.finetune``) and the grid.
+The encoder comes from the checkpoint's ``encoder`` entry whatever objective pretrained it
+(``finetune.from_scratch=true`` builds the same architecture without the weights); ``finetune.task`` is what
+the dataset is (``utils.data.registry``). Shared with ``run_pretraining.py``: config, torchrun set-up, loaders,
+optimiser groups and schedule, the engine and the training loop with its checkpoints and resume
+(``utils.loop``); what this script owns is the fine-tuning task: its step, evaluation, the pretrained-weight
+load (``utils.finetune``) and the grid.
 """
 
 from __future__ import annotations
@@ -30,23 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from multimae.build import build_multimae
 from utils import checkpoint as ckpt
 from utils.config import (build_arg_parser, check_output_dir, config_from_args, effective_lr, save_config,
                           user_errors)
-from utils.data.bigearthnet import BigEarthNetDataset
-from utils.data.geobench import GEOBENCH_TASKS, GeoBenchDataset
-from utils.data.mmearth_seg import MMEarthSegDataset
+from utils.data.registry import get_dataset_kind
 from utils.dist import DistInfo, all_gather_object, broadcast_object, cleanup, init_distributed, seed_everything
 from utils.engine import autocast, build_engine
-from utils.finetune import (FineTuneModel, build_head, default_layer_decay, finetune_config, knn_scores,
-                            label_fraction_indices, load_backbone, read_pretraining_checkpoint)
+from utils.finetune import (FineTuneModel, build_backbone, build_head, default_layer_decay, knn_scores,
+                            label_fraction_indices, read_pretraining_checkpoint)
 from utils.logger import RunLogger
+from utils.loop import LoopTask, TrainLoop
 from utils.metrics import DEFAULT_METRIC, TaskMetrics, format_table
-from utils.optim import build_optimizer, cosine_lr, param_groups, set_lr
+from utils.optim import build_optimizer, param_groups
 from utils.sampler import make_loader
 
-CHECKPOINT_KIND = "multimae_finetuning"
 PROTOCOLS = ("finetune", "linear_probe", "knn")
 
 
@@ -64,39 +66,20 @@ def build_dataset(cfg: dict, in_domains: list[str], split: str, *, train: bool):
 
     Returns:
         A dataset with ``task`` and ``num_classes`` attributes (through ``.dataset`` for a subset), or None
-        when an MMEarth file set has no such split.
+        when the data has no such split.
 
     Raises:
-        ValueError: ``data_path`` unset, unknown dataset, or a task that does not match the data.
+        ValueError: ``data_path`` unset, unknown dataset, or a ``finetune.task`` that does not match the data.
     """
-    ft, data = cfg["finetune"], cfg["data"]
+    ft = cfg["finetune"]
     if not cfg["data_path"]:
         raise ValueError("config key 'data_path' is not set (MMEarth file set, GEO-Bench root or BigEarthNet folder)")
-    aug = dict(augment=train, resize=data["resize"], hflip=data["hflip"], seed=cfg["seed"])
-    if ft["dataset"] == "mmearth":
-        kind = "segmentation"
-        try:
-            ds = MMEarthSegDataset(cfg["data_path"], in_domains, ft["target"], split, input_size=data["input_size"],
-                                   elevation_norm=data["elevation_norm"], **aug)
-        except KeyError as err:
-            if "unknown split" in str(err) and not train:
-                return None
-            raise
-    elif ft["dataset"] == "geobench":
-        if ft["geobench_task"] not in GEOBENCH_TASKS:
-            raise ValueError(f"finetune.geobench_task must be one of {', '.join(GEOBENCH_TASKS)}, "
-                             f"got {ft['geobench_task']!r}")
-        kind = GEOBENCH_TASKS[ft["geobench_task"]].task
-        ds = GeoBenchDataset(cfg["data_path"], ft["geobench_task"], split, in_domains, partition=ft["partition"],
-                             input_size=data["input_size"], **aug)
-    elif ft["dataset"] == "bigearthnet":
-        kind = "multilabel"
-        ds = BigEarthNetDataset(cfg["data_path"], split, in_domains, cache_dir=Path(cfg["output_dir"]) / "cache",
-                                input_size=data["input_size"], **aug)
-    else:
-        raise ValueError(f"finetune.dataset must be mmearth, geobench or bigearthnet, got {ft['dataset']!r}")
-    if ft["task"] != kind:
-        raise ValueError(f"finetune.task is {ft['task']!r} but {ft['dataset']} data of this config is {kind!r}")
+    ds = get_dataset_kind(ft["dataset"]).build(cfg, list(in_domains), split, train)
+    if ds is None:
+        return None
+    if ft["task"] is not None and ft["task"] != ds.task:
+        raise ValueError(f"finetune.task is {ft['task']!r} but {ft['dataset']} data of this config is {ds.task!r} "
+                         "(leave finetune.task null: it is derived from the data)")
     if train and ft["label_fraction"] < 1.0:
         ds = _EpochSubset(ds, label_fraction_indices(len(ds), ft["label_fraction"], cfg["seed"]))
     return ds
@@ -106,18 +89,25 @@ def _meta(ds) -> object:
     return ds.dataset if isinstance(ds, Subset) else ds
 
 
-class FineTuner:
-    """One fine-tuning (or probing) run for one input-domain subset."""
+class FineTuner(LoopTask):
+    """One fine-tuning (or probing) run for one input-domain subset: data, model, step, evaluation.
+
+    Args:
+        cfg: The resolved config of the run.
+        info: This process's rank, world size and device.
+        in_domains: Input domains.
+        out: Output folder.
+        pretrained: The pretraining checkpoint (v2 dict) or None.
+    """
+
+    kind = "finetuning"
 
     def __init__(self, cfg: dict, info: DistInfo, in_domains: list[str], out: Path, pretrained: dict | None) -> None:
         self.cfg, self.info, self.out, self.ft = cfg, info, out, cfg["finetune"]
         if self.ft["protocol"] not in PROTOCOLS:
             raise ValueError(f"finetune.protocol must be one of {', '.join(PROTOCOLS)}, got {self.ft['protocol']!r}")
         self.sets = {"train": build_dataset(cfg, in_domains, cfg["data"]["train_split"], train=True)}
-        if self.ft["dataset"] == "mmearth":  # split names of <stem>_splits.json
-            eval_splits = {"val": cfg["data"]["val_split"], "test": self.ft["test_split"]}
-        else:
-            eval_splits = {"val": "val", "test": "test"}
+        eval_splits = dict(get_dataset_kind(self.ft["dataset"]).eval_splits(cfg))
         if self.ft["protocol"] == "knn":
             eval_splits["train_eval"] = cfg["data"]["train_split"]
         for name, split in eval_splits.items():
@@ -126,38 +116,32 @@ class FineTuner:
         meta = _meta(self.sets["train"])
         self.task, self.num_classes = meta.task, meta.num_classes
         self.metric = self.ft["metric"] or DEFAULT_METRIC[self.task]
-        self.loaders = {k: make_loader(v, cfg, info, train=k == "train")[0] for k, v in self.sets.items()}
-        if len(self.loaders["train"]) < cfg["accum_steps"] and self.ft["protocol"] != "knn":
-            raise ValueError(f"{len(self.sets['train'])} training samples are fewer than one optimizer step needs "
-                             f"(batch_size {cfg['batch_size']} x accum_steps {cfg['accum_steps']} x world size)")
+        loaders = {k: make_loader(v, cfg, info, train=k == "train") for k, v in self.sets.items()}
+        self.loaders = {k: v[0] for k, v in loaders.items()}
+        self.train_set, (self.train_loader, self.train_gen) = self.sets["train"], loaders["train"]
         self.net = self._build_model(in_domains, pretrained).to(info.device)
         if info.world_size > 1 and self.ft["protocol"] == "knn":
             # No DDP wrapper broadcasts rank 0's weights here, and ranks are seeded apart: new adapters (or a
             # from-scratch encoder) would differ per rank and the gathered embeddings would not be comparable.
             self.net.load_state_dict(broadcast_object({k: v.cpu() for k, v in self.net.state_dict().items()}))
-        self.steps_per_epoch = max(1, len(self.loaders["train"]) // cfg["accum_steps"])
-        self.total_steps = cfg["epochs"] * self.steps_per_epoch
-        self.lr = effective_lr(cfg, info.world_size)
         ld = cfg["optim"]["layer_decay"]
         ld = (default_layer_decay(self.task) if ld is None else ld) if self.ft["protocol"] == "finetune" else None
         groups = param_groups(self.net, cfg["optim"]["weight_decay"], decay_everything=cfg["optim"]["decay_everything"],
-                              layer_decay=ld, num_layers=self.net.model.depth)
-        self.engine = build_engine(self.net, build_optimizer(groups, cfg["optim"], self.lr), cfg, info,
-                                   ddp=self.ft["protocol"] != "knn")
+                              layer_decay=ld, num_layers=self.net.encoder.depth)
+        self.engine = build_engine(self.net, build_optimizer(groups, cfg["optim"], effective_lr(cfg, info.world_size)),
+                                   cfg, info, ddp=self.ft["protocol"] != "knn")
         self.metrics = TaskMetrics(self.task, self.num_classes, info.device)
-        self.epoch, self.best, self.history = 0, None, []
+        self.best, self.history = None, []
 
     def _build_model(self, in_domains: list[str], pretrained: dict | None) -> FineTuneModel:
-        bcfg = finetune_config(self.cfg, pretrained, in_domains)
-        model = build_multimae(bcfg, in_domains=in_domains, out_domains=[])
-        self.load_report = None
-        if pretrained is not None:
-            self.load_report = load_backbone(model, pretrained["model"], in_domains, source=self.ft["checkpoint"])
-        head = build_head(self.task, self.ft["head"], dim=model.dim, num_classes=self.num_classes,
-                          in_domains=in_domains, patch_size=model.patch_size, pool=self.ft["pool"], num_global_tokens=model.num_global_tokens,
-                          full_finetune=self.ft["protocol"] == "finetune")
-        return FineTuneModel(model, head, in_domains, patch_size=model.patch_size,
-                             freeze_encoder=self.ft["protocol"] != "finetune")
+        encoder, self.load_report = build_backbone(self.cfg, pretrained, in_domains)
+        head = build_head(self.task, self.ft["head"], encoder=encoder, num_classes=self.num_classes,
+                          pool=self.ft["pool"], full_finetune=self.ft["protocol"] == "finetune")
+        return FineTuneModel(encoder, head, freeze_encoder=self.ft["protocol"] != "finetune")
+
+    def describe(self) -> str:
+        """The start line: protocol, inputs and training samples."""
+        return f"{self.ft['protocol']} on {', '.join(self.net.in_domains)}: {len(self.sets['train'])} training samples"
 
     # ------------------------------------------------------------------ step and evaluation
     def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -166,7 +150,7 @@ class FineTuner:
             return F.binary_cross_entropy_with_logits(logits.float(), label.float())
         return F.cross_entropy(logits.float(), label, ignore_index=-1)
 
-    def task_step(self, batch: dict) -> dict:
+    def step(self, batch: dict) -> dict:
         """One forward pass of the (possibly DDP-wrapped) model: ``{"loss": fp32 scalar}``."""
         logits = self.engine.model(batch["inputs"], batch["valid"])
         return {"loss": self.loss(logits, batch["label"])}
@@ -214,71 +198,39 @@ class FineTuner:
         self.metrics.update(torch.logit(scores.clamp(1e-6, 1 - 1e-6)) if self.task == "multilabel" else scores, lab)
         return self.metrics.compute()
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ loop hooks
     def state(self) -> dict:
-        """The fine-tuning checkpoint dict; gathers every rank's RNG state, so all ranks call it."""
-        return {"model": self.net.state_dict(), **self.engine.state_dict(), "epoch": self.epoch, "best": self.best,
-                "history": self.history, "config": self.cfg, "in_domains": self.net.in_domains, "kind": CHECKPOINT_KIND,
-                "rng": all_gather_object(ckpt.rng_state())}
+        """``encoder`` (architecture, domains, weights), ``head``, best score, history and input domains."""
+        domain_info = getattr(_meta(self.sets["train"]), "domain_info", None)
+        return {"encoder": ckpt.encoder_entry(self.net.encoder, domain_info() if domain_info else None),
+                "head": {"state_dict": self.net.head.state_dict()}, "best": self.best, "history": self.history,
+                "in_domains": self.net.in_domains, "task": self.task}
 
-    def resume(self, path: Path, log: RunLogger) -> None:
-        """Restore model, optimizer, scaler, epoch, best score, history and RNG states from ``path``."""
-        state = ckpt.load_checkpoint(path, kind=CHECKPOINT_KIND)
-        ckpt.load_state_checked(self.net, state["model"], what=f"fine-tuning model ({path})")
-        self.engine.load_state_dict(state)
-        self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
-        if len(state["rng"]) == self.info.world_size:
-            ckpt.set_rng_state(state["rng"][self.info.rank])
-        log.write(f"resumed from {path} at epoch {self.epoch}")
+    def load_state(self, state: dict, path: Path) -> None:
+        """Load encoder and head weights (exact key check), best score and history."""
+        weights = {**{f"encoder.{k}": v for k, v in state["encoder"]["state_dict"].items()},
+                   **{f"head.{k}": v for k, v in state["head"]["state_dict"].items()}}
+        ckpt.load_state_checked(self.net, weights, what=f"fine-tuning model ({path})")
+        self.best, self.history = state["best"], state["history"]
 
-    def save(self, name: str, state: dict | None = None) -> None:
-        """Write ``state`` (default: the current one) atomically to ``<output_dir>/<name>`` on rank 0."""
-        state = state if state is not None else self.state()
-        if self.info.is_main:
-            ckpt.save_checkpoint(state, self.out / name)
-
-    # ------------------------------------------------------------------ loop
-    def train(self, log: RunLogger) -> None:
-        """Epochs of optimizer steps; validation every ``finetune.eval_every_epochs``; best and last checkpoints."""
-        cfg, warmup = self.cfg, round(self.cfg["optim"]["warmup_epochs"] * self.steps_per_epoch)
-        while self.epoch < cfg["epochs"]:
-            if hasattr(self.sets["train"], "set_epoch"):
-                self.sets["train"].set_epoch(self.epoch)
-            self.loaders["train"].sampler.set_epoch(self.epoch)
-            batches, t0, losses = iter(self.loaders["train"]), time.perf_counter(), []
-            for i in range(self.steps_per_epoch):
-                step = self.epoch * self.steps_per_epoch + i
-                if cfg["max_steps"] is not None and step >= cfg["max_steps"]:
-                    break
-                lr = cosine_lr(step, total_steps=self.total_steps, warmup_steps=warmup, base_lr=self.lr,
-                               min_lr=cfg["optim"]["min_lr"])
-                set_lr(self.engine.optimizer, lr)
-                out = self.engine.train_step(self.task_step, [next(batches) for _ in range(cfg["accum_steps"])])
-                losses.append(out.values["loss"])
-                log.advance(step + 1, {"loss": out.values["loss"], "lr": lr})
-            del batches
-            self.epoch += 1
-            record = {"step": self.epoch * self.steps_per_epoch, "epoch": self.epoch,
-                      "train_loss": sum(losses) / max(1, len(losses)), "epoch_s": time.perf_counter() - t0}
-            last = self.epoch == cfg["epochs"] or (cfg["max_steps"] is not None
-                                                   and self.epoch * self.steps_per_epoch >= cfg["max_steps"])
-            if "val" in self.sets and (self.epoch % self.ft["eval_every_epochs"] == 0 or last):
-                val = self.evaluate("val")
-                record.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, list)})
-                if self.best is None or val[self.metric] > self.best["value"]:
-                    self.best = {"epoch": self.epoch, "value": val[self.metric]}
-                    self.save("checkpoint-best.pth")
-            self.history.append(record)
-            log.log(record)
-            self.save("checkpoint-last.pth")
-            if last:
-                break
+    def end_epoch(self, epoch: int, last: bool, log: RunLogger) -> tuple[dict, list[str]]:
+        """Validation every ``finetune.eval_every_epochs`` (and at the last epoch); a better validation metric
+        writes ``checkpoint-best.pth``."""
+        entries, extra = {}, []
+        if "val" in self.sets and (epoch % self.ft["eval_every_epochs"] == 0 or last):
+            val = self.evaluate("val")
+            entries = {f"val_{k}": v for k, v in val.items() if not isinstance(v, list)}
+            if self.best is None or val[self.metric] > self.best["value"]:
+                self.best = {"epoch": epoch, "value": val[self.metric]}
+                extra.append("checkpoint-best.pth")
+        self.history.append({"epoch": epoch, **entries})
+        return entries, extra
 
     def final_metrics(self) -> dict:
         """Validation and test metrics of the best checkpoint (the last model without validation)."""
         best = self.out / "checkpoint-best.pth"
         if self.ft["protocol"] != "knn" and best.is_file():
-            self.net.load_state_dict(ckpt.load_checkpoint(best)["model"])
+            self.load_state(ckpt.read_checkpoint(best, kind=self.kind), best)
         return {split: self.evaluate(split) for split in ("val", "test") if split in self.sets}
 
 
@@ -289,31 +241,33 @@ def run_one(cfg: dict, info: DistInfo, in_domains: list[str], out: Path, pretrai
     check_output_dir(run_cfg, out)
     seed_everything(cfg["seed"] + info.rank)  # every grid entry starts from the same RNG state
     tuner = FineTuner(run_cfg, info, list(in_domains), out, pretrained)
+    protocol = cfg["finetune"]["protocol"]
+    loop = TrainLoop(run_cfg, info, tuner, out) if protocol != "knn" else None
     if info.is_main:
         save_config(run_cfg, out)
-    protocol = cfg["finetune"]["protocol"]
-    log = RunLogger(out, enabled=info.is_main, total_steps=0 if protocol == "knn" else tuner.total_steps,
-                    wandb_cfg=cfg["wandb"], config=run_cfg, world_size=info.world_size)
+    log = loop.logger() if loop else RunLogger(out, enabled=info.is_main, total_steps=0, wandb_cfg=cfg["wandb"],
+                                               config=run_cfg, world_size=info.world_size)
     t0 = time.perf_counter()
     try:
-        resume = ckpt.resume_path(cfg["resume"], out)
-        if resume is not None and protocol != "knn":
-            tuner.resume(resume, log)
         report = tuner.load_report
-        origin = "from scratch" if report is None else f"new adapters for {report.new_domains or 'no domain'}"
-        log.write(f"{protocol} on {', '.join(in_domains)}: {len(tuner.sets['train'])} training samples, {origin}")
+        if report is None:
+            origin = "from scratch" + (" (the checkpoint's architecture)" if cfg["finetune"]["from_scratch"] else "")
+        else:
+            origin = f"pretrained, new adapters for {report.new_domains or 'no domain'}"
+        log.write(f"encoder {origin}" if loop else f"{tuner.describe()}; encoder {origin}")
         if protocol != "finetune" and (report is None or report.new_domains):
             log.write(f"warning: with a frozen encoder ({protocol}), "
                       f"{'the whole backbone' if report is None else 'the new adapters'} stay at their random "
                       "initialisation; finetune.protocol=finetune trains them")
-        if protocol != "knn":
-            tuner.train(log)
+        if loop is not None:
+            loop.run(log)
         metrics = tuner.final_metrics()
     finally:
         log.close()
     results = {"metrics": metrics, "metric": tuner.metric, "task": tuner.task, "protocol": protocol,
                "in_domains": list(in_domains), "best_epoch": tuner.best and tuner.best["epoch"],
-               "checkpoint": cfg["finetune"]["checkpoint"], "num_train": len(tuner.sets["train"]),
+               "checkpoint": cfg["finetune"]["checkpoint"], "from_scratch": cfg["finetune"]["from_scratch"],
+               "num_train": len(tuner.sets["train"]),
                "new_domains": report.new_domains if report else [], "seconds": round(time.perf_counter() - t0, 2)}
     if info.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=1))

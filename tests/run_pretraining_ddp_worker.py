@@ -11,16 +11,15 @@ import torch
 import run_pretraining
 from utils.config import load_config
 
-_train = run_pretraining.Trainer.train
+_finish = run_pretraining.PretrainTask.finish
 
 
-def _train_and_dump(self, log):
-    last = _train(self, log)
-    params = {k: v.detach().cpu().clone() for k, v in self.task.state_dict().items()}
+def _finish_and_dump(self, log):
+    _finish(self, log)
+    params = {k: v.detach().cpu().clone() for k, v in self.objective.state_dict().items()}
     torch.save(params, Path(self.cfg["output_dir"]) / f"params_rank{self.info.rank}.pth")
-    return last
 
 
 if __name__ == "__main__":
-    run_pretraining.Trainer.train = _train_and_dump
+    run_pretraining.PretrainTask.finish = _finish_and_dump
     run_pretraining.main(load_config(None, sys.argv[1:]))

@@ -64,3 +64,42 @@ def test_load_state_checked_names_differing_keys():
     ckpt.load_state_checked(target, {k: v for k, v in small.state_dict().items() if k.startswith("0.")},
                             ignore_missing=["1."])
     assert torch.equal(target[0].weight, small[0].weight)
+
+
+def test_optimizer_state_is_matched_by_parameter_names():
+    from utils.optim import build_optimizer, param_groups
+
+    class Net(nn.Module):
+        def __init__(self, order):
+            super().__init__()
+            for name in order:  # the same parameters, registered in another order
+                setattr(self, name, nn.Parameter(torch.full((2,), float(ord(name)))))
+
+    optim_cfg = {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}
+    src = Net("abc")
+    opt = build_optimizer(param_groups(src, 0.0), optim_cfg, lr=0.1)
+    for p in src.parameters():
+        p.grad = p.detach().clone()
+    opt.step()
+    saved = opt.state_dict()
+    dst = Net("cab")
+    opt2 = build_optimizer(param_groups(dst, 0.0), optim_cfg, lr=0.1)
+    ckpt.load_optimizer_state(opt2, saved)
+    for name in "abc":
+        torch.testing.assert_close(opt2.state[getattr(dst, name)]["exp_avg"], opt.state[getattr(src, name)]["exp_avg"])
+    other = Net("abd")
+    with pytest.raises(ckpt.CheckpointError, match="optimizer state does not match.*missing d"):
+        ckpt.load_optimizer_state(build_optimizer(param_groups(other, 0.0), optim_cfg, lr=0.1), saved)
+
+
+def test_read_checkpoint_checks_version_and_kind(tmp_path):
+    ckpt.save_checkpoint({"format_version": 2, "kind": "pretraining"}, tmp_path / "a.pth")
+    assert ckpt.read_checkpoint(tmp_path / "a.pth", kind="pretraining")["kind"] == "pretraining"
+    with pytest.raises(ckpt.CheckpointError, match=r"a.pth is a 'pretraining' checkpoint, not 'finetuning'"):
+        ckpt.read_checkpoint(tmp_path / "a.pth", kind="finetuning")
+    ckpt.save_checkpoint({"format_version": 3, "kind": "pretraining"}, tmp_path / "b.pth")
+    with pytest.raises(ckpt.CheckpointError, match=r"b.pth: checkpoint format_version 3 is not one this code reads \(1, 2\)"):
+        ckpt.read_checkpoint(tmp_path / "b.pth")
+    ckpt.save_checkpoint({"weights": torch.ones(1)}, tmp_path / "c.pth")
+    with pytest.raises(ckpt.CheckpointError, match="format_version None"):
+        ckpt.read_checkpoint(tmp_path / "c.pth")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from utils.config import ConfigError, check_output_dir, effective_lr, load_config, parse_overrides, save_config
+from utils.config import (ConfigError, check_output_dir, effective_lr, load_config, migrate_config, parse_overrides,
+                          save_config)
 
 
 def test_defaults_load_and_cli_overrides_win(tmp_path):
@@ -45,8 +46,8 @@ def test_wrong_type_names_key_and_file(tmp_path):
 
 
 def test_union_keys_accept_their_types():
-    cfg = load_config(None, ["masking.alphas=[1.0, 0.5]", "model.preset={dim: 32, depth: 2, heads: 2}"])
-    assert cfg["masking"]["alphas"] == [1.0, 0.5]
+    cfg = load_config(None, ["multimae.masking.alphas=[1.0, 0.5]", "model.preset={dim: 32, depth: 2, heads: 2}"])
+    assert cfg["multimae"]["masking"]["alphas"] == [1.0, 0.5]
     assert cfg["model"]["preset"] == {"dim": 32, "depth": 2, "heads": 2}
 
 
@@ -86,3 +87,59 @@ def test_user_errors_print_one_line_and_exit_2(capsys, monkeypatch):
     monkeypatch.setenv("MULTIMAE_TRACEBACK", "1")
     with pytest.raises(ConfigError), user_errors():
         raise ConfigError("x")
+
+
+def test_several_config_files_merge_in_order(tmp_path):
+    recipe, task = tmp_path / "recipe.yaml", tmp_path / "task.yaml"
+    recipe.write_text("epochs: 50\noptim:\n  blr: 0.0005\n  layer_decay: 0.65\n")
+    task.write_text("optim:\n  blr: 0.0001\nfinetune:\n  geobench_task: m-eurosat\n")
+    cfg = load_config([recipe, task], ["epochs=7"])
+    assert (cfg["epochs"], cfg["optim"]["blr"], cfg["optim"]["layer_decay"]) == (7, 0.0001, 0.65)
+    assert cfg["finetune"]["geobench_task"] == "m-eurosat"
+    from utils.config import build_arg_parser, config_from_args
+
+    args = build_arg_parser("x").parse_args(["--config", str(recipe), "--config", str(task), "batch_size=3"])
+    assert config_from_args(args)["optim"]["blr"] == 0.0001 and config_from_args(args)["batch_size"] == 3
+
+
+def test_free_mappings_add_entries():
+    cfg = load_config(None, ["model.patch_sizes={s2_atmos: 16}", "multimae.loss.per_domain={s1: l1}"])
+    assert cfg["model"]["patch_sizes"] == {"s2_atmos": 16}
+    assert cfg["multimae"]["loss"]["per_domain"] == {"elevation": "l1", "slope": "l1", "canopy_height": "l1", "s1": "l1"}
+    with pytest.raises(ConfigError, match="'model.patch_sizes' expects a mapping"):
+        load_config(None, ["model.patch_sizes=16"])
+
+
+def test_objective_and_sections_of_other_objectives(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="key 'objective': unknown objective 'byol'; choose one of multimae"):
+        load_config(None, ["objective=byol"])
+    import utils.config as config_module
+
+    defaults = yaml.safe_load(config_module.DEFAULTS_PATH.read_text())
+    defaults["dummy"] = {"depth": 4}  # a second registered objective with its own section
+    path = tmp_path / "defaults.yaml"
+    path.write_text(yaml.safe_dump(defaults))
+    monkeypatch.setattr(config_module, "_objective_sections", lambda: ("multimae", "dummy"))
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("dummy:\n  depth: 2\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: key dummy.depth belongs to objective 'dummy', but this config "
+                                          r"trains objective 'multimae'"):
+        load_config(exp, [], defaults=path)
+    assert load_config(exp, ["objective=dummy"], defaults=path)["dummy"]["depth"] == 2
+    with pytest.raises(ConfigError, match="command line: key multimae.masking belongs to objective 'multimae'"):
+        load_config(exp, ["objective=dummy", "multimae.masking.alphas=2.0"], defaults=path)
+
+
+def test_configs_written_before_objective_sections_are_migrated():
+    old = {"seed": 3, "out_domains": ["s2_rgb", "elevation"], "masking": {"num_encoded_tokens": 9, "alphas": 0.5},
+           "loss": {"weighting": "uncertainty", "loss_on_unmasked": True},
+           "model": {"preset": "small", "decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 4}}
+    new = migrate_config(old)
+    mm = new["multimae"]
+    assert new["objective"] == "multimae" and new["seed"] == 3 and new["model"]["preset"] == "small"
+    assert mm["out_domains"] == ["s2_rgb", "elevation"] and mm["masking"]["num_encoded_tokens"] == 9
+    assert mm["masking"]["alphas"] == 0.5 and mm["loss"]["weighting"] == "uncertainty" and mm["loss"]["on_unmasked"]
+    assert (mm["decoder"]["dim"], mm["decoder"]["depth"], mm["decoder"]["heads"]) == (64, 1, 4)
+    assert "masking" not in new and "loss" not in new and "decoder_dim" not in new["model"]
+    assert mm["loss"]["per_domain"]["elevation"] == "l1"  # as the v1 registry had it
+    assert migrate_config(new) is new  # already migrated

@@ -5,72 +5,94 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multimae.build import build_multimae
+from multimae.build import build_encoder, build_pretraining
 from multimae.heads import ConvNeXtSegHead, LinearHead, LinearSegHead
-from utils.checkpoint import CheckpointError, save_checkpoint
+from utils.checkpoint import CheckpointError, encoder_entry, save_checkpoint
 from utils.config import load_config
-from utils.finetune import (FineTuneModel, build_head, finetune_config, knn_scores, label_fraction_indices,
+from utils.finetune import (FineTuneModel, build_backbone, build_head, knn_scores, label_fraction_indices,
                             load_backbone, read_pretraining_checkpoint)
 from utils.optim import param_groups
 
-TINY = ["data.input_size=16", "model.preset={dim: 32, depth: 2, heads: 2}", "model.decoder_dim=32",
-        "model.decoder_depth=1", "model.decoder_heads=2", "model.class_embed_dim=8", "masking.num_encoded_tokens=4"]
+TINY = ["data.input_size=16", "model.preset={dim: 32, depth: 2, heads: 2}", "multimae.decoder.dim=32",
+        "multimae.decoder.depth=1", "multimae.decoder.heads=2", "model.class_embed_dim=8",
+        "multimae.masking.num_encoded_tokens=4"]
 PRE_IN = ["s2_rgb", "s1", "dynamic_world"]
 
 
-def pretrain_cfg():
-    return load_config(None, [*TINY, f"in_domains={PRE_IN}", "out_domains=[s2_rgb, s1, dynamic_world]"])
+def pretrain_cfg(*extra):
+    return load_config(None, [*TINY, f"in_domains={PRE_IN}", "multimae.out_domains=[s2_rgb, s1, dynamic_world]",
+                              *extra])
 
 
-def write_pretraining_checkpoint(path, **changes):
-    """A tiny pretraining checkpoint in the docs/DESIGN.md layout (only the keys fine-tuning reads)."""
-    cfg = pretrain_cfg()
-    model = build_multimae(cfg)
-    state = {"model": model.state_dict(), "config": cfg, "kind": "multimae_pretraining", "step": 0}
+def write_pretraining_checkpoint(path, *extra, **changes):
+    """A tiny pretraining checkpoint in the docs/DESIGN.md v2 layout (only the keys fine-tuning reads)."""
+    cfg = pretrain_cfg(*extra)
+    model = build_pretraining(cfg)
+    state = {"format_version": 2, "kind": "pretraining", "encoder": encoder_entry(model.encoder),
+             "objective": model.objective_state(), "config": cfg, "step": 0}
     state.update(changes)
     save_checkpoint(state, path)
     return model
 
 
 def backbone(in_domains, input_size=16):
+    """A fine-tuning encoder with the architecture of :func:`pretrain_cfg`, not loaded."""
     cfg = load_config(None, [*TINY, f"data.input_size={input_size}"])
-    return build_multimae(finetune_config(cfg, {"config": pretrain_cfg()}, in_domains), in_domains=in_domains,
-                          out_domains=[])
+    pre = {"encoder": encoder_entry(build_encoder(pretrain_cfg()))}
+    return build_backbone({**cfg, "finetune": {**cfg["finetune"], "from_scratch": True}}, pre, in_domains)[0]
 
 
 def test_surgery_loads_encoder_and_asserts_exact_keys(tmp_path):
-    pre = write_pretraining_checkpoint(tmp_path / "pre.pth")
+    pre = write_pretraining_checkpoint(tmp_path / "pre.pth").encoder
     ckpt = read_pretraining_checkpoint(tmp_path / "pre.pth")
     model = backbone(["s2_rgb", "elevation"], input_size=32)  # another image size: pos embeds are rebuilt
-    report = load_backbone(model, ckpt["model"], ["s2_rgb", "elevation"])
+    report = load_backbone(model, ckpt["encoder"]["state_dict"], ["s2_rgb", "elevation"])
     assert report.new_domains == ["elevation"] and report.loaded_domains == ["s2_rgb"]
     assert report.missing == sorted(k for k in model.state_dict() if k.startswith("input_adapters.elevation."))
-    assert any(k.startswith("output_adapters.") for k in report.dropped)
     assert any(k.startswith("input_adapters.s1.") for k in report.dropped)
-    for key in ("encoder.1.attn.qkv.weight", "global_tokens", "input_adapters.s2_rgb.proj.weight"):
+    for key in ("blocks.1.attn.qkv.weight", "global_tokens", "input_adapters.s2_rgb.proj.weight"):
         torch.testing.assert_close(model.state_dict()[key], pre.state_dict()[key])
     out = model.encode({"s2_rgb": torch.randn(2, 3, 32, 32), "elevation": torch.randn(2, 1, 32, 32)})
     assert out.shape == (2, 2 * 16 + 1, 32)
 
 
+def test_backbone_architecture_comes_from_the_checkpoint(tmp_path):
+    write_pretraining_checkpoint(tmp_path / "pre.pth", "model.preset={dim: 48, depth: 3, heads: 4}",
+                                 "model.patch_sizes={s1: 16}")
+    ckpt = read_pretraining_checkpoint(tmp_path / "pre.pth")
+    cfg = load_config(None, ["data.input_size=32", f"finetune.checkpoint={tmp_path / 'pre.pth'}"])  # preset base
+    encoder, report = build_backbone(cfg, ckpt, ["s2_rgb", "s1"])
+    assert (encoder.dim, encoder.depth, encoder.num_heads, encoder.patch_sizes) == (48, 3, 4, {"s2_rgb": 8, "s1": 16})
+    assert report.loaded_domains == ["s1", "s2_rgb"]
+    torch.testing.assert_close(encoder.state_dict()["blocks.2.mlp.fc2.weight"],
+                               ckpt["encoder"]["state_dict"]["blocks.2.mlp.fc2.weight"])
+    scratch_cfg = {**cfg, "finetune": {**cfg["finetune"], "from_scratch": True}}
+    scratch, none = build_backbone(scratch_cfg, ckpt, ["s2_rgb", "s1"])  # the same architecture, not its weights
+    assert none is None and scratch.spec == encoder.spec
+    assert not torch.equal(scratch.state_dict()["blocks.2.mlp.fc2.weight"],
+                           ckpt["encoder"]["state_dict"]["blocks.2.mlp.fc2.weight"])
+    plain = load_config(None, ["finetune.from_scratch=true"])
+    with pytest.raises(ValueError, match="finetune.from_scratch copies the architecture of finetune.checkpoint"):
+        build_backbone(plain, None, ["s2_rgb"])
+
+
 def test_surgery_refuses_incomplete_or_foreign_checkpoints(tmp_path):
-    model = write_pretraining_checkpoint(tmp_path / "pre.pth")
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.1.")}
-    with pytest.raises(CheckpointError, match=r"missing in checkpoint: encoder\.1\."):
+    model = write_pretraining_checkpoint(tmp_path / "pre.pth").encoder
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.1.")}
+    with pytest.raises(CheckpointError, match=r"missing in checkpoint: blocks\.1\."):
         load_backbone(backbone(["s2_rgb"]), state, ["s2_rgb"])
-    state = dict(model.state_dict(), **{"encoder.0.extra": torch.zeros(1)})
-    with pytest.raises(CheckpointError, match=r"not in model: encoder\.0\.extra"):
+    state = dict(model.state_dict(), **{"blocks.0.extra": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"not in model: blocks\.0\.extra"):
         load_backbone(backbone(["s2_rgb"]), state, ["s2_rgb"])
-    bigger = build_multimae(load_config(None, [*TINY, "model.preset={dim: 48, depth: 2, heads: 2}",
-                                               "in_domains=[s2_rgb]", "out_domains=[s2_rgb]"]))
+    bigger = build_encoder(load_config(None, [*TINY, "model.preset={dim: 48, depth: 2, heads: 2}", "in_domains=[s2_rgb]"]))
     with pytest.raises(CheckpointError, match="shape differs"):
         load_backbone(backbone(["s2_rgb"]), bigger.state_dict(), ["s2_rgb"])
-    save_checkpoint({"model": model.state_dict(), "config": {}, "kind": "multimae_finetuning"}, tmp_path / "ft.pth")
-    with pytest.raises(ValueError, match="ft.pth is not a MultiMAE pretraining checkpoint.*'multimae_finetuning'"):
+    save_checkpoint({"format_version": 2, "kind": "finetuning", "config": {}}, tmp_path / "ft.pth")
+    with pytest.raises(CheckpointError, match=r"ft.pth is a 'finetuning' checkpoint, not 'pretraining'"):
         read_pretraining_checkpoint(tmp_path / "ft.pth")
-    save_checkpoint({"kind": "multimae_pretraining", "config": {}}, tmp_path / "nomodel.pth")
-    with pytest.raises(ValueError, match="key 'model' is missing"):
-        read_pretraining_checkpoint(tmp_path / "nomodel.pth")
+    save_checkpoint({"format_version": 7, "kind": "pretraining"}, tmp_path / "future.pth")
+    with pytest.raises(CheckpointError, match=r"future.pth: checkpoint format_version 7 is not one this code reads"):
+        read_pretraining_checkpoint(tmp_path / "future.pth")
     with pytest.raises(FileNotFoundError, match="finetune.checkpoint"):
         read_pretraining_checkpoint(tmp_path / "absent.pth")
 
@@ -89,37 +111,50 @@ def test_heads_shapes_and_segmentation_grid_split():
     with pytest.raises(ValueError, match="finetune.pool"):
         LinearHead(dim=32, num_classes=5, pool="max")
     with pytest.raises(ValueError, match="finetune.head"):
-        build_head("classification", "convnext", dim=32, num_classes=3, in_domains=["s2_rgb"], patch_size=8)
+        build_head("classification", "convnext", encoder=backbone(["s2_rgb"]), num_classes=3)
 
 
 def test_finetune_model_every_parameter_gets_a_gradient_and_probe_freezes():
     model = backbone(["s2_rgb", "s1"])
-    head = build_head("segmentation", "convnext", dim=32, num_classes=9, in_domains=["s2_rgb", "s1"], patch_size=8)
-    net = FineTuneModel(model, head, ["s2_rgb", "s1"], patch_size=8)
+    head = build_head("segmentation", "convnext", encoder=model, num_classes=9)
+    net = FineTuneModel(model, head)
     inputs = {"s2_rgb": torch.randn(2, 3, 16, 16), "s1": torch.randn(2, 2, 16, 16)}
     logits = net(inputs)
     assert logits.shape == (2, 9, 16, 16)
     logits.sum().backward()
     assert all(p.grad is not None for p in net.parameters())
-    probe = FineTuneModel(backbone(["s2_rgb"]), LinearHead(dim=32, num_classes=3), ["s2_rgb"], patch_size=8,
-                          freeze_encoder=True)
+    probe = FineTuneModel(backbone(["s2_rgb"]), LinearHead(dim=32, num_classes=3), freeze_encoder=True)
     probe.train()
-    assert not probe.model.training and probe.head.training
-    assert all(not p.requires_grad for p in probe.model.parameters())
+    assert not probe.encoder.training and probe.head.training
+    assert all(not p.requires_grad for p in probe.encoder.parameters())
     probe(inputs).sum().backward()
     assert probe.head.fc.weight.grad is not None
 
 
+def test_segmentation_with_domains_of_other_patch_sizes():
+    cfg = load_config(None, [*TINY, "data.input_size=32", "model.patch_sizes={s1: 16}", "in_domains=[s2_rgb, s1]"])
+    encoder = build_encoder(cfg)
+    net = FineTuneModel(encoder, build_head("segmentation", "linear", encoder=encoder, num_classes=4))
+    inputs = {"s2_rgb": torch.randn(2, 3, 32, 32), "s1": torch.randn(2, 2, 32, 32)}
+    tokens = net.tokens(inputs)
+    assert tokens.shape == (2, 16 + 4 + 1, 32)
+    grids, size = net.grids(tokens, inputs)
+    assert size == (4, 4) and [g.shape for g in grids] == [(2, 16, 32), (2, 16, 32)]
+    coarse = tokens[:, 16:20].reshape(2, 2, 2, 32)  # s1: 2 x 2 tokens of 16 px, each covering 2 x 2 fine tokens
+    torch.testing.assert_close(grids[1].reshape(2, 4, 4, 32)[:, 2:, :2], coarse[:, 1:, :1].expand(-1, 2, 2, -1))
+    assert net(inputs).shape == (2, 4, 32, 32)
+
+
 def test_layer_decay_groups_and_no_weight_decay():
     model = backbone(["s2_rgb"])  # depth 2 -> layer ids 0 (adapters, tokens), 1, 2 (blocks), 3 (head)
-    net = FineTuneModel(model, LinearHead(dim=32, num_classes=3), ["s2_rgb"], patch_size=8)
+    net = FineTuneModel(model, LinearHead(dim=32, num_classes=3))
     groups = param_groups(net, 0.05, layer_decay=0.65, num_layers=model.depth)
     scale = {n: (g["lr_scale"], g["weight_decay"]) for g in groups for n in g["names"]}
-    assert scale["model.input_adapters.s2_rgb.proj.weight"] == (pytest.approx(0.65 ** 3), 0.05)
-    assert scale["model.global_tokens"] == (pytest.approx(0.65 ** 3), 0.0)
-    assert scale["model.encoder.0.attn.qkv.weight"] == (pytest.approx(0.65 ** 2), 0.05)
-    assert scale["model.encoder.1.mlp.fc1.weight"] == (pytest.approx(0.65), 0.05)
-    assert scale["model.encoder.1.norm1.weight"] == (pytest.approx(0.65), 0.0)
+    assert scale["encoder.input_adapters.s2_rgb.proj.weight"] == (pytest.approx(0.65 ** 3), 0.05)
+    assert scale["encoder.global_tokens"] == (pytest.approx(0.65 ** 3), 0.0)
+    assert scale["encoder.blocks.0.attn.qkv.weight"] == (pytest.approx(0.65 ** 2), 0.05)
+    assert scale["encoder.blocks.1.mlp.fc1.weight"] == (pytest.approx(0.65), 0.05)
+    assert scale["encoder.blocks.1.norm1.weight"] == (pytest.approx(0.65), 0.0)
     assert scale["head.fc.weight"] == (1.0, 0.05) and scale["head.fc.bias"] == (1.0, 0.0)
     assert scale["head.norm.weight"] == (1.0, 0.0)
 

@@ -17,7 +17,7 @@ import pytest
 import run_finetuning
 from tests.geobench_fixture import write_geobench_task
 from tests.test_finetune import write_pretraining_checkpoint
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,9 @@ def test_segmentation_smoke_writes_results_and_resumes(mmearth_fileset, pretrain
     assert 0.0 <= test["miou"] <= 1.0 and len(test["per_class_iou"]) == 9
     saved = json.loads((out / "results.json").read_text())
     assert saved["metrics"]["test"]["miou"] == pytest.approx(test["miou"])
-    assert load_checkpoint(out / "checkpoint-best.pth")["kind"] == "multimae_finetuning"
+    best = load_checkpoint(out / "checkpoint-best.pth")
+    assert best["kind"] == "finetuning" and best["format_version"] == 2 and best["task"] == "segmentation"
+    assert best["encoder"]["spec"]["in_domains"] == ["s2_rgb", "elevation"] and "classifier.weight" in best["head"]["state_dict"]
     assert "miou" in capsys.readouterr().out  # the printed table
     again = run_finetuning.main(load_config(None, args))  # complete: resumes, evaluates the same best model
     assert again["metrics"]["test"]["miou"] == pytest.approx(test["miou"])
@@ -62,8 +64,8 @@ def test_grid_table_and_majority_baseline(mmearth_fileset, pretrained, tmp_path,
 
 def test_bad_config_and_data(mmearth_fileset, tmp_path):
     base = [f"data_path={mmearth_fileset}", *TINY, "epochs=1"]
-    with pytest.raises(ValueError, match="not a MultiMAE pretraining checkpoint"):
-        write_pretraining_checkpoint(tmp_path / "ft.pth", kind="multimae_finetuning")
+    with pytest.raises(CheckpointError, match="finetune.checkpoint: .*ft.pth is a 'finetuning' checkpoint, not 'pretraining'"):
+        write_pretraining_checkpoint(tmp_path / "ft.pth", kind="finetuning")
         run_finetuning.main(load_config(None, [*base, f"output_dir={tmp_path / 'a'}",
                                                f"finetune.checkpoint={tmp_path / 'ft.pth'}"]))
     with pytest.raises(ValueError, match="finetune.target 'worldcover' cannot also be an input domain"):
@@ -85,7 +87,7 @@ def test_bad_config_and_data(mmearth_fileset, tmp_path):
 def test_geobench_classification_probes(tmp_path, pretrained, protocol):
     write_geobench_task(tmp_path / "gb", "m-eurosat", num_samples=18)
     out = tmp_path / protocol
-    cfg = load_config(REPO / "cfgs/finetune/m-eurosat.yaml", [
+    cfg = load_config([REPO / "cfgs/finetune/geobench.yaml", REPO / "cfgs/finetune/geobench/m-eurosat.yaml"], [
         f"data_path={tmp_path / 'gb'}", f"output_dir={out}", *TINY, "epochs=2", f"finetune.protocol={protocol}",
         f"finetune.checkpoint={pretrained}", "in_domains=[s2_rgb, s2_nir]", "data.input_size=16"])
     res = run_finetuning.main(cfg)

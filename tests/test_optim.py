@@ -11,12 +11,20 @@ from torch import nn
 from utils.optim import build_optimizer, cosine_lr, multimae_layer_id, no_decay_names, param_groups, set_lr
 
 
-class _Toy(nn.Module):
+class _ToyEncoder(nn.Module):
     def __init__(self):
         super().__init__()
         self.global_tokens = nn.Parameter(torch.zeros(1, 1, 8))
         self.input_adapters = nn.ModuleDict({"s2_rgb": nn.Linear(4, 8), "worldcover": nn.Embedding(11, 8)})
-        self.encoder = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8))
+        self.blocks = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8))
+
+
+class _Toy(nn.Module):
+    """Named like an objective / fine-tuning model: encoder.{global_tokens, input_adapters, blocks}, head."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = _ToyEncoder()
         self.head = nn.Linear(8, 2)
         self.pos_scale = nn.Parameter(torch.ones(4, 4))
 
@@ -26,12 +34,13 @@ class _Toy(nn.Module):
 
 def test_no_decay_on_norms_biases_embeddings_tokens():
     names = no_decay_names(_Toy())
-    assert names == {"global_tokens", "input_adapters.s2_rgb.bias", "input_adapters.worldcover.weight",
-                     "encoder.0.bias", "encoder.1.weight", "encoder.1.bias", "encoder.2.bias", "head.bias",
-                     "pos_scale"}
+    assert names == {"encoder.global_tokens", "encoder.input_adapters.s2_rgb.bias",
+                     "encoder.input_adapters.worldcover.weight", "encoder.blocks.0.bias", "encoder.blocks.1.weight",
+                     "encoder.blocks.1.bias", "encoder.blocks.2.bias", "head.bias", "pos_scale"}
     groups = param_groups(_Toy(), 0.05)
     decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
-    assert decayed == {"input_adapters.s2_rgb.weight", "encoder.0.weight", "encoder.2.weight", "head.weight"}
+    assert decayed == {"encoder.input_adapters.s2_rgb.weight", "encoder.blocks.0.weight", "encoder.blocks.2.weight",
+                       "head.weight"}
 
 
 def test_decay_everything_reproduces_reference():
@@ -41,13 +50,15 @@ def test_decay_everything_reproduces_reference():
 
 
 def test_layer_decay_scales():
-    assert multimae_layer_id("model.input_adapters.s2_rgb.proj.weight", 12) == 0
-    assert multimae_layer_id("encoder.3.attn.qkv.weight", 12) == 4
-    assert multimae_layer_id("output_adapters.s2_rgb.x", 12) == 13
+    assert multimae_layer_id("encoder.input_adapters.s2_rgb.proj.weight", 12) == 0
+    assert multimae_layer_id("module.encoder.global_tokens", 12) == 0
+    assert multimae_layer_id("encoder.blocks.3.attn.qkv.weight", 12) == 4
+    assert multimae_layer_id("decoders.s2_rgb.blocks.0.attn.qkv.weight", 12) == 13
+    assert multimae_layer_id("head.fc.weight", 12) == 13
     groups = param_groups(_Toy(), 0.05, layer_decay=0.5, num_layers=2)
     scales = {n: g["lr_scale"] for g in groups for n in g["names"]}
-    assert scales["input_adapters.s2_rgb.weight"] == pytest.approx(0.125)  # 0.5 ** (2 + 1 - 0)
-    assert scales["encoder.1.weight"] == pytest.approx(0.5)  # block 1 -> layer 2 -> 0.5 ** (3 - 2)
+    assert scales["encoder.input_adapters.s2_rgb.weight"] == pytest.approx(0.125)  # 0.5 ** (2 + 1 - 0)
+    assert scales["encoder.blocks.1.weight"] == pytest.approx(0.5)  # block 1 -> layer 2 -> 0.5 ** (3 - 2)
     assert scales["head.weight"] == 1.0
     opt = build_optimizer(groups, {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.05}, lr=1e-3)
     set_lr(opt, 2e-3)

@@ -20,9 +20,10 @@ from utils.logger import read_log
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "epochs=3", "batch_size=4", "num_workers=0", "log_every_steps=1", "save_every_steps=1000",
-    "in_domains=[s2_rgb, elevation, worldcover]", "out_domains=[s2_rgb, elevation, worldcover, s2_rgb_normpix]",
-    "data.input_size=16", "model.preset={dim: 32, depth: 2, heads: 2}", "model.decoder_dim=32",
-    "model.decoder_depth=1", "model.decoder_heads=2", "model.class_embed_dim=8", "masking.num_encoded_tokens=4",
+    "in_domains=[s2_rgb, elevation, worldcover]", "multimae.out_domains=[s2_rgb, elevation, worldcover, s2_rgb_normpix]",
+    "data.input_size=16", "model.preset={dim: 32, depth: 2, heads: 2}", "multimae.decoder.dim=32",
+    "multimae.decoder.depth=1", "multimae.decoder.heads=2", "model.class_embed_dim=8",
+    "multimae.masking.num_encoded_tokens=4",
     "optim.blr=1e-2", "optim.warmup_epochs=0.5", "vis.every_epochs=0", "vis.num_samples=2",
 ]
 
@@ -45,8 +46,14 @@ def test_two_step_smoke_run(mmearth_fileset, tmp_path):
             "grad_norm", "samples_per_s"} <= set(records[0])
     assert any("val_loss" in r for r in records)  # epoch 1 ended at step 2
     state = load_checkpoint(out / "checkpoint-last.pth")  # weights_only=True
-    assert state["kind"] == "multimae_pretraining" and state["step"] == 2 and state["epoch"] == 1
-    assert state["config"]["max_steps"] == 2 and "worldcover" in state["domains"] and len(state["rng"]) == 1
+    assert state["format_version"] == 2 and state["kind"] == "pretraining" and state["step"] == 2
+    assert state["epoch"] == 1 and state["config"]["max_steps"] == 2 and len(state["rng"]) == 1
+    enc = state["encoder"]
+    assert enc["spec"]["in_domains"] == ["s2_rgb", "elevation", "worldcover"] and enc["spec"]["dim"] == 32
+    assert enc["domains"]["s2_rgb"]["bands"] == ["B04", "B03", "B02"] and "stats" in enc["domains"]["s2_rgb"]
+    assert [s["domain"] for s in enc["layout"]["segments"]] == enc["spec"]["in_domains"]
+    assert "blocks.1.attn.qkv.weight" in enc["state_dict"]
+    assert state["objective"]["name"] == "multimae" and "decoders.s2_rgb.head.weight" in state["objective"]["state_dict"]
     assert (out / "config.yaml").is_file() and sorted(p.name for p in (out / "reconstructions").iterdir())
     assert run_pretraining.main(tiny_cfg(mmearth_fileset, out, "max_steps=2")) == {}  # complete: exits at once
 
@@ -68,7 +75,7 @@ def test_refuses_another_runs_output_dir_and_other_model_shapes(mmearth_fileset,
     run_pretraining.main(tiny_cfg(mmearth_fileset, out, "max_steps=1"))
     with pytest.raises(ConfigError, match=r"another run.*optim\.blr"):
         run_pretraining.main(tiny_cfg(mmearth_fileset, out, "max_steps=2", "optim.blr=1e-3"))
-    with pytest.raises(CheckpointError, match=r"(?s)model.*shape differs: .*encoder"):
+    with pytest.raises(CheckpointError, match=r"(?s)multimae model.*shape differs: .*encoder\.blocks"):
         run_pretraining.main(tiny_cfg(mmearth_fileset, out, "max_steps=2", "model.preset={dim: 64, depth: 2, heads: 2}",
                                       "resume_anyway=true"))
 
@@ -84,7 +91,7 @@ def test_bad_input_names_the_problem(mmearth_fileset, tmp_path):
         with h5py.File(next(broken.glob("*.h5")), "a") as h5:
             del h5["canopy_height_eth"]
         run_pretraining.main(tiny_cfg(broken, tmp_path / "o", "in_domains=[s2_rgb, canopy_height]",
-                                      "out_domains=[s2_rgb]"))
+                                      "multimae.out_domains=[s2_rgb]"))
 
 
 def test_summary_flag_prints_without_data(capsys):
@@ -142,15 +149,16 @@ def test_kill_9_with_workers_then_resume_matches_uninterrupted(mmearth_fileset, 
 
 
 def test_no_decay_groups_of_the_real_model(mmearth_fileset):
-    from multimae.build import build_criterion, build_multimae
+    from multimae.build import build_pretraining
     from utils.optim import param_groups
 
     cfg = tiny_cfg(mmearth_fileset, "unused")
-    task = run_pretraining.PretrainTask(build_multimae(cfg), build_criterion(cfg))
-    groups = param_groups(task, 0.05)
+    model = build_pretraining(cfg)
+    groups = param_groups(model, 0.05)
     exempt = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
     decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
-    assert "model.global_tokens" in exempt and all(n.endswith("weight") for n in decayed)
+    assert "encoder.global_tokens" in exempt and all(n.endswith("weight") for n in decayed)
     assert not any(".norm" in n or n.endswith(".bias") or "class_embed" in n for n in decayed)
-    assert any(n.startswith("model.encoder.0.") for n in decayed)
-    assert len(exempt) + len(decayed) == len(list(task.parameters()))
+    assert not any("mask_token" in n or "domain_embeds" in n for n in decayed)
+    assert any(n.startswith("encoder.blocks.0.") for n in decayed)
+    assert len(exempt) + len(decayed) == len(list(model.parameters()))

@@ -18,8 +18,8 @@ def test_one_png_per_sample_with_every_domain(tmp_path):
     preds = {"s2_rgb": torch.randn(b, 3, s, s), "elevation": torch.randn(b, 1, s, s),
              "dynamic_world": torch.randn(b, 9, s // 4, s // 4), "s2_rgb_normpix": torch.randn(b, 3, s, s)}
     masks = {d: torch.tensor([[1.0, 0.0, 1.0, 1.0]]).repeat(b, 1) for d in preds}
-    paths = save_reconstructions(tmp_path / "rec", "step000010", inputs, valid, preds, masks, patch_size=p,
-                                 num_samples=2)
+    paths = save_reconstructions(tmp_path / "rec", "step000010", inputs, valid, preds, masks,
+                                 patch_sizes={d: p for d in preds}, norm_pix=["s2_rgb_normpix"], num_samples=2)
     assert [x.name for x in paths] == ["sample0_step000010.png", "sample1_step000010.png"]
     img = mpimg.imread(paths[0])
     assert img.shape[0] > 700 and img.shape[1] > 700  # 4 domain rows x 4 columns of panels

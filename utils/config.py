@@ -4,7 +4,11 @@ The layering follows DINOv2 (a complete defaults file, small override files, a d
 command line) and the validation follows nanoGPT's rule that unknown keys are errors: every key
 must exist in the defaults, and a value must have the default's type (an int is accepted where
 a float is expected; a key whose default is ``null`` accepts any type). A few keys accept more
-than one type; they are listed in ``UNION_KEYS``.
+than one type; they are listed in ``UNION_KEYS``; a few hold free mappings (``MAPPING_KEYS``). Several
+experiment files merge in order (a recipe written once, a task file holding only its task). Each
+pretraining objective has a section named after it (``multimae``, ...); only the chosen
+``objective``'s section may be set. :func:`migrate_config` reads configs written before the
+objective sections existed.
 
 The resolved config is a plain nested ``dict`` of YAML types. Values derived from it (the
 learning rate, the number of steps) are computed by functions here and never written back into
@@ -26,6 +30,7 @@ import yaml
 __all__ = [
     "DEFAULTS_PATH",
     "UNION_KEYS",
+    "MAPPING_KEYS",
     "RUN_ONLY_KEYS",
     "ConfigError",
     "load_config",
@@ -37,15 +42,19 @@ __all__ = [
     "total_batch_size",
     "save_config",
     "check_output_dir",
+    "migrate_config",
 ]
 
 DEFAULTS_PATH = Path(__file__).resolve().parents[1] / "cfgs" / "defaults.yaml"
 
 #: Keys whose value may take any of several types (dotted key -> accepted types).
 UNION_KEYS: dict[str, tuple[type, ...]] = {
-    "masking.alphas": (float, int, list),  # one Dirichlet concentration, or one per in_domain
+    "multimae.masking.alphas": (float, int, list),  # one Dirichlet concentration, or one per in_domain
     "model.preset": (str, dict),  # a preset name, or a dict of encoder sizes {dim, depth, heads}
 }
+
+#: Keys whose value is a free mapping: a file or the command line adds or replaces entries, any names.
+MAPPING_KEYS = frozenset({"model.patch_sizes", "model.ffn_options", "multimae.loss.per_domain"})
 
 #: Keys that may change between a run and its resumption without making it "another run": they
 #: steer how a run executes or reports, not what it computes (``max_steps`` only moves the stop).
@@ -114,7 +123,11 @@ def merge_config(base: dict, override: dict, source: str, _prefix: str = "") -> 
         if key not in base:
             raise ConfigError(f"{source}: unknown key {dotted!r} (not in {DEFAULTS_PATH.name})")
         default = base[key]
-        if isinstance(default, dict) and dotted not in UNION_KEYS:
+        if dotted in MAPPING_KEYS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: key {dotted!r} expects a mapping, got {_type_name(value)} ({value!r})")
+            out[key] = {**default, **value}
+        elif isinstance(default, dict) and dotted not in UNION_KEYS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: key {dotted!r} is a section; set its sub-keys, e.g. {dotted}.x=...")
             out[key] = merge_config(default, value, source, f"{dotted}.")
@@ -166,12 +179,42 @@ def parse_overrides(items: Iterable[str]) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
-                defaults: str | Path = DEFAULTS_PATH) -> dict:
-    """Resolve a config: defaults, then the experiment file ``path``, then command-line items.
+def _objective_sections() -> tuple[str, ...]:
+    from multimae.objectives import OBJECTIVES  # torch is imported only when a config is resolved
+
+    return tuple(OBJECTIVES)
+
+
+def check_objective_sections(cfg: dict, layers: list[tuple[str, dict]]) -> None:
+    """Refuse settings of an objective other than ``cfg["objective"]``.
 
     Args:
-        path: Experiment YAML holding only the keys it changes (or None).
+        cfg: The merged config.
+        layers: ``(source, raw override dict)`` of every file and the command line, in merge order.
+
+    Raises:
+        ConfigError: ``objective`` is not registered (lists the choices), or a layer sets a key of another
+            objective's section (names the key, its source and the chosen objective).
+    """
+    sections = _objective_sections()
+    if cfg.get("objective") not in sections:
+        raise ConfigError(f"key 'objective': unknown objective {cfg.get('objective')!r}; choose one of "
+                          f"{', '.join(sections)}")
+    for source, raw in layers:
+        for key in raw:
+            if key in sections and key != cfg["objective"]:
+                sub = next(iter(raw[key]), "") if isinstance(raw[key], dict) else ""
+                raise ConfigError(f"{source}: key {key}{'.' + sub if sub else ''} belongs to objective {key!r}, but "
+                                  f"this config trains objective {cfg['objective']!r} (set objective={key} or drop "
+                                  "the key)")
+
+
+def load_config(paths: str | Path | Iterable[str | Path] | None = None, overrides: Iterable[str] = (),
+                defaults: str | Path = DEFAULTS_PATH) -> dict:
+    """Resolve a config: defaults, then each experiment file of ``paths`` in order, then command-line items.
+
+    Args:
+        paths: Experiment YAML file(s) holding only the keys they change (or None); later files win.
         overrides: ``key=value`` items, nested keys with dots.
         defaults: The defaults file that defines every key.
 
@@ -179,19 +222,28 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
         The resolved config as a nested dict of plain YAML types.
 
     Raises:
-        ConfigError: a file is missing or invalid, a key is unknown, or a value has the wrong type.
+        ConfigError: a file is missing or invalid, a key is unknown, a value has the wrong type, or a key
+            belongs to another objective than ``objective``.
     """
     cfg = _read_yaml(Path(defaults))
-    if path is not None:
-        cfg = merge_config(cfg, _read_yaml(Path(path)), str(path))
-    return merge_config(cfg, parse_overrides(overrides), "command line")
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    layers = [(str(path), _read_yaml(Path(path))) for path in paths]
+    layers.append(("command line", parse_overrides(overrides)))
+    for source, raw in layers:
+        cfg = merge_config(cfg, raw, source)
+    check_objective_sections(cfg, layers)
+    return cfg
 
 
 def build_arg_parser(description: str) -> argparse.ArgumentParser:
     """The shared command line of the ``run_*.py`` scripts: ``--config FILE [--summary] key=value ...``."""
     parser = argparse.ArgumentParser(description=description,
                                      epilog="Every key and its default: cfgs/defaults.yaml")
-    parser.add_argument("--config", type=Path, default=None, help="experiment YAML (overrides of the defaults)")
+    parser.add_argument("--config", type=Path, action="append", default=None,
+                        help="experiment YAML (overrides of the defaults); repeat to merge several files in order")
     parser.add_argument("--summary", action="store_true", help="print the model summary and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.blr=2e-4")
     return parser
@@ -266,7 +318,7 @@ def check_output_dir(cfg: dict, output_dir: str | Path) -> None:
     path = Path(output_dir) / "config.yaml"
     if not path.is_file() or cfg.get("resume_anyway"):
         return
-    old = yaml.safe_load(path.read_text()) or {}
+    old = migrate_config(yaml.safe_load(path.read_text()) or {})
     changed = _diff(old, cfg)
     if changed:
         shown = ", ".join(f"{k} ({_get(old, k)!r} -> {_get(cfg, k)!r})" for k in changed[:8])
@@ -281,3 +333,52 @@ def _get(cfg: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
+
+
+#: Keys of configs written before the objective sections: old dotted key -> new dotted key.
+_V1_KEYS = {
+    "out_domains": "multimae.out_domains",
+    "model.decoder_dim": "multimae.decoder.dim",
+    "model.decoder_depth": "multimae.decoder.depth",
+    "model.decoder_heads": "multimae.decoder.heads",
+    "masking.num_encoded_tokens": "multimae.masking.num_encoded_tokens",
+    "masking.alphas": "multimae.masking.alphas",
+    "masking.sample_domains_uniformly": "multimae.masking.sample_domains_uniformly",
+    "loss.weighting": "multimae.loss.weighting",
+    "loss.loss_on_unmasked": "multimae.loss.on_unmasked",
+}
+
+
+def migrate_config(cfg: dict) -> dict:
+    """A config written before the objective sections (no ``objective`` key), with its keys moved.
+
+    ``out_domains``, ``masking.*``, ``loss.*`` and ``model.decoder_*`` move into the ``multimae`` section
+    (:data:`_V1_KEYS`), ``objective: multimae`` is added, the per-domain losses and normalised-pixel targets
+    those configs took from the domain registry are written out as the registry had them, and keys added
+    since take their defaults. A config that has ``objective`` is returned unchanged.
+
+    Raises:
+        ConfigError: the old config holds a key that neither exists now nor moved.
+    """
+    if "objective" in cfg or not cfg:
+        return cfg
+    out = copy.deepcopy(cfg)
+    for old, new in _V1_KEYS.items():
+        node, parts = out, old.split(".")
+        for part in parts[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if not isinstance(node, dict) or parts[-1] not in node:
+            continue
+        value = node.pop(parts[-1])
+        target = out
+        for part in new.split(".")[:-1]:
+            target = target.setdefault(part, {})
+        target[new.split(".")[-1]] = value
+    for section in ("masking", "loss"):
+        if out.get(section) == {}:
+            del out[section]
+    loss = out.setdefault("multimae", {}).setdefault("loss", {})
+    loss.setdefault("per_domain", {"elevation": "l1", "slope": "l1", "canopy_height": "l1"})
+    loss.setdefault("norm_pix", ["s2_rgb_normpix"])
+    out["objective"] = "multimae"
+    return merge_config(_read_yaml(DEFAULTS_PATH), out, "a config written before objective sections existed")

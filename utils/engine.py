@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from utils.checkpoint import load_optimizer_state
 from utils.dist import DistInfo, all_reduce_mean
 
 __all__ = ["resolve_precision", "autocast", "NonFiniteLossError", "StepOutput", "Engine", "build_engine", "evaluate"]
@@ -170,8 +171,9 @@ class Engine:
                 "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what ``state_dict`` saved."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore what ``state_dict`` saved (optimizer parameters matched by name, see
+        :func:`utils.checkpoint.load_optimizer_state`)."""
+        load_optimizer_state(self.optimizer, state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
@@ -182,13 +184,15 @@ def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: dict,
                  ddp: bool = True) -> Engine:
     """The engine of a run from config keys ``precision``, ``optim.clip_grad`` and ``max_nonfinite_steps``.
 
-    With several processes (and ``ddp``) ``module`` is wrapped in DDP, without ``find_unused_parameters``:
-    every trainable parameter of both run scripts' modules takes part in every step.
+    With several processes (and ``ddp``) ``module`` is wrapped in DDP. ``find_unused_parameters`` stays off:
+    every trainable parameter of the objectives and fine-tuning models takes part in every step (an objective
+    whose step leaves parameters unused must say so with a ``find_unused_parameters = True`` attribute).
     """
     model = module
     if ddp and info.world_size > 1:
         device_ids = [info.local_rank] if info.device.type == "cuda" else None
-        model = DistributedDataParallel(module, device_ids=device_ids)
+        model = DistributedDataParallel(module, device_ids=device_ids,
+                                        find_unused_parameters=bool(getattr(module, "find_unused_parameters", False)))
     return Engine(model, optimizer, device=info.device, precision=resolve_precision(cfg["precision"], info.device),
                   clip_grad=cfg["optim"]["clip_grad"], max_nonfinite_steps=cfg["max_nonfinite_steps"])
 

@@ -1,5 +1,7 @@
-"""Fine-tuning building blocks: pretrained-checkpoint surgery, the backbone + head model, kNN, label fractions.
+"""Fine-tuning building blocks: the encoder from a checkpoint, the encoder + head model, kNN, label fractions.
 
+The encoder is rebuilt from the checkpoint's ``encoder`` entry (architecture, token layout, domains), whatever
+objective pretrained it; a from-scratch baseline builds the same architecture without the weights.
 Checkpoint surgery follows MAE's fine-tuning load (He et al., CVPR 2022, ``main_finetune.py``): keep what the
 new model can use, ``load_state_dict(strict=False)``, then assert the exact sets of missing and unexpected
 keys, so a renamed parameter cannot silently stay at its random init. Position embeddings are
@@ -12,7 +14,6 @@ label with weight exp(similarity / 0.07).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multimae.build import build_encoder
 from multimae.domains import get_domain
+from multimae.encoder import MultiModalEncoder
 from multimae.heads import ConvNeXtSegHead, LinearHead, LinearSegHead
-from utils.checkpoint import load_checkpoint, load_state_checked
+from utils.checkpoint import CheckpointError, load_state_checked, read_checkpoint
 
 __all__ = [
-    "PRETRAINING_KIND",
     "LoadReport",
     "read_pretraining_checkpoint",
-    "finetune_config",
+    "build_backbone",
     "load_backbone",
     "FineTuneModel",
     "build_head",
@@ -37,7 +39,6 @@ __all__ = [
     "default_layer_decay",
 ]
 
-PRETRAINING_KIND = "multimae_pretraining"
 #: Layer-wise lr decay used when ``optim.layer_decay`` is null (EPFL MultiMAE fine-tuning recipes).
 _LAYER_DECAY = {"classification": 0.65, "multilabel": 0.65, "segmentation": 0.75}
 
@@ -49,48 +50,19 @@ def default_layer_decay(task: str) -> float:
 
 
 def read_pretraining_checkpoint(path: str | Path) -> dict:
-    """Load a pretraining checkpoint (``torch.load(weights_only=True)``) and check it is one.
+    """Load a pretraining checkpoint (any objective, any readable format version) as a v2 dict.
 
     Raises:
         FileNotFoundError: ``path`` does not exist (config key ``finetune.checkpoint``).
-        CheckpointError: the file cannot be read with ``weights_only=True``.
-        ValueError: the file is not a dict with ``kind == "multimae_pretraining"``, ``model`` and ``config``.
+        CheckpointError: unreadable, an unknown format version, or not a pretraining checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"finetune.checkpoint: no file {path}")
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != PRETRAINING_KIND:
-        kind = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(
-            f"{path} is not a MultiMAE pretraining checkpoint: key 'kind' is {kind!r}, "
-            f"expected {PRETRAINING_KIND!r} (finetune.checkpoint must come from run_pretraining.py)"
-        )
-    for key in ("model", "config"):
-        if key not in ckpt:
-            raise ValueError(f"{path} is not a complete pretraining checkpoint: key {key!r} is missing")
-    return ckpt
-
-
-def finetune_config(cfg: dict, ckpt: dict | None, in_domains: list[str]) -> dict:
-    """The config the fine-tuning backbone is built from.
-
-    The encoder geometry (``model`` section: preset, patch size, global tokens...) must match the
-    checkpoint's, so it is taken from the checkpoint's stored config; ``model.drop_path`` stays the
-    fine-tuning run's. ``in_domains`` replaces the config's, there are no output domains, and the masking
-    budget covers every token.
-    """
-    out = copy.deepcopy(cfg)
-    if ckpt is not None:
-        drop_path = cfg["model"]["drop_path"]
-        out["model"] = copy.deepcopy(ckpt["config"]["model"])
-        out["model"]["drop_path"] = drop_path
-    out["in_domains"] = list(in_domains)
-    out["out_domains"] = []
-    # No masking when fine-tuning: every token is encoded (the masking keys only have to be valid).
-    n_d = (out["data"]["input_size"] // out["model"]["patch_size"]) ** 2
-    out["masking"] = {**out["masking"], "num_encoded_tokens": n_d * len(in_domains), "alphas": 1.0}
-    return out
+    try:
+        return read_checkpoint(path, kind="pretraining")
+    except CheckpointError as err:
+        raise CheckpointError(f"finetune.checkpoint: {err} (it must come from run_pretraining.py)") from None
 
 
 @dataclass
@@ -100,8 +72,8 @@ class LoadReport:
     Attributes:
         loaded_domains: Input domains whose adapters came from the checkpoint.
         new_domains: Input domains the checkpoint lacks (fresh adapters, trained from their init).
-        missing: Model keys the checkpoint did not provide (exactly the new domains' keys).
-        dropped: Checkpoint keys not used (decoders, adapters of domains not asked for).
+        missing: Encoder keys the checkpoint did not provide (exactly the new domains' keys).
+        dropped: Checkpoint encoder keys not used (adapters of domains not asked for).
     """
 
     loaded_domains: list[str]
@@ -111,120 +83,161 @@ class LoadReport:
 
 
 def _domain_of(key: str) -> str | None:
-    """Domain a per-domain parameter belongs to (``input_adapters.<d>.*``, ``domain_embeds.<d>``), else None."""
+    """Domain a per-domain encoder parameter belongs to (``input_adapters.<d>.*``, ``domain_embeds.<d>``)."""
     parts = key.split(".")
     if parts[0] in ("input_adapters", "domain_embeds") and len(parts) > 1:
         return parts[1]
     return None
 
 
-def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], in_domains: list[str],
-                  source: str = "checkpoint") -> LoadReport:
-    """Load a pretraining checkpoint's encoder and input adapters into a fine-tuning backbone.
+def build_backbone(cfg: dict, pretrained: dict | None, in_domains: list[str]) -> tuple[MultiModalEncoder, LoadReport | None]:
+    """The fine-tuning encoder for ``in_domains``: pretrained, or a from-scratch baseline.
 
-    Keeps the encoder, global tokens and the adapters (and domain embeddings) of ``in_domains``; drops
-    ``output_adapters.*`` and other domains' adapters. Loads with ``strict=False`` and then asserts that
-    the missing keys are exactly those of the domains the checkpoint lacks and that nothing kept was
-    unexpected.
+    With a checkpoint the architecture (width, depth, patch sizes, global tokens, ...) is the checkpoint's
+    ``encoder.spec``, at the fine-tuning run's ``data.input_size`` and ``model.drop_path``; its weights are loaded
+    unless ``finetune.from_scratch`` (the same architecture at its initialisation: a fair baseline). Without a
+    checkpoint the encoder is ``model.*`` of this config, at its initialisation.
+
+    Returns:
+        The encoder and what was loaded (None when nothing was).
+
+    Raises:
+        ValueError: ``finetune.from_scratch`` without ``finetune.checkpoint`` (no architecture to copy).
+        CheckpointError: the checkpoint's encoder does not fit its own spec.
+    """
+    ft = cfg["finetune"]
+    drop_path = float(cfg["model"]["drop_path"])
+    if pretrained is None:
+        if ft["from_scratch"]:
+            raise ValueError("finetune.from_scratch copies the architecture of finetune.checkpoint, which is not set "
+                             "(without a checkpoint the run is from scratch with model.* of this config)")
+        cfg = {**cfg, "model": {**cfg["model"], "drop_path": drop_path}}
+        return build_encoder(cfg, in_domains=in_domains), None
+    entry = pretrained["encoder"]
+    encoder = MultiModalEncoder.from_spec(entry["spec"], in_domains=in_domains, input_size=cfg["data"]["input_size"],
+                                          drop_path=drop_path)
+    if ft["from_scratch"]:
+        return encoder, None
+    return encoder, load_backbone(encoder, entry["state_dict"], in_domains, source=str(ft["checkpoint"]))
+
+
+def load_backbone(encoder: nn.Module, state: dict[str, torch.Tensor], in_domains: list[str],
+                  source: str = "checkpoint") -> LoadReport:
+    """Load a checkpoint's encoder weights into a fine-tuning encoder.
+
+    Keeps the blocks, global tokens and the adapters (and domain embeddings) of ``in_domains``; drops other
+    domains' adapters. Loads with ``strict=False`` and then asserts that the missing keys are exactly those of
+    the domains the checkpoint lacks and that nothing kept was unexpected.
 
     Args:
-        model: MultiMAE built with ``in_domains`` and no output domains.
-        state: The checkpoint's ``model`` state dict.
+        encoder: :class:`MultiModalEncoder` built with ``in_domains``.
+        state: The checkpoint's ``encoder.state_dict``.
         in_domains: Input domains of the fine-tuning run.
         source: Name of the checkpoint, for messages.
 
     Raises:
-        CheckpointError: shapes differ (another encoder geometry), keys other than the new domains' adapters
-            are missing (not a MultiMAE pretraining checkpoint), or kept keys are unexpected.
+        CheckpointError: shapes differ (another encoder geometry), keys other than the new domains' adapters are
+            missing, or kept keys are unexpected.
     """
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     have = {_domain_of(k) for k in state} - {None}
     new_domains = [d for d in in_domains if d not in have]
-    keep = {k: v for k, v in state.items()
-            if not k.startswith("output_adapters.") and _domain_of(k) in (None, *in_domains)}
+    keep = {k: v for k, v in state.items() if _domain_of(k) in (None, *in_domains)}
     dropped = sorted(set(state) - set(keep))
-    # strict=False + exact key assertion: only the new domains' adapters may be missing, nothing kept may be
-    # unexpected, no shape may differ (utils.checkpoint.load_state_checked raises CheckpointError otherwise).
     new_keys = tuple(f"input_adapters.{d}." for d in new_domains) + tuple(f"domain_embeds.{d}" for d in new_domains)
-    load_state_checked(model, keep, what=f"backbone from {source} (not a usable MultiMAE pretraining checkpoint?)",
-                       ignore_missing=new_keys)
-    missing = sorted(k for k in model.state_dict() if k not in keep)
+    load_state_checked(encoder, keep, what=f"encoder from {source}", ignore_missing=new_keys)
+    missing = sorted(k for k in encoder.state_dict() if k not in keep)
     return LoadReport(sorted(set(in_domains) - set(new_domains)), new_domains, missing, dropped)
 
 
 class FineTuneModel(nn.Module):
-    """A MultiMAE backbone (no masking, all tokens visible) plus a task head.
+    """A multi-modal encoder (no masking, every token visible) plus a task head.
 
     Args:
-        model: MultiMAE whose ``encode(inputs, valid=valid)`` returns (B, sum N_d + G, D) tokens, domains in
-            ``in_domains`` order, global tokens last. Named ``model`` so that ``utils.optim.multimae_layer_id``
-            sees its parameters under their own names.
+        encoder: :class:`MultiModalEncoder`; its ``encode(inputs, valid=valid)`` gives (B, N + G, D) tokens in
+            layout order, global tokens last. Parameters are named ``encoder.*`` and ``head.*``.
         head: :class:`LinearHead`, :class:`ConvNeXtSegHead` or :class:`LinearSegHead`.
-        in_domains: Input domains, in the encoder's order.
-        patch_size: Patch side P in pixels.
-        freeze_encoder: Linear probe: the backbone gets no gradients and stays in eval mode.
+        freeze_encoder: Frozen encoder (linear probe, kNN): no gradients, always in eval mode.
     """
 
-    def __init__(self, model: nn.Module, head: nn.Module, in_domains: list[str], *, patch_size: int,
-                 freeze_encoder: bool = False) -> None:
+    def __init__(self, encoder: MultiModalEncoder, head: nn.Module, *, freeze_encoder: bool = False) -> None:
         super().__init__()
-        self.model, self.head = model, head
-        self.in_domains, self.patch_size, self.freeze_encoder = list(in_domains), patch_size, freeze_encoder
+        self.encoder, self.head, self.freeze_encoder = encoder, head, freeze_encoder
         if freeze_encoder:
-            self.model.requires_grad_(False)
+            self.encoder.requires_grad_(False)
+
+    @property
+    def in_domains(self) -> list[str]:
+        """The encoder's input domains, in token order."""
+        return list(self.encoder.in_domains)
 
     def train(self, mode: bool = True) -> "FineTuneModel":
-        """Train mode for the head; the backbone stays in eval mode when frozen."""
+        """Train mode for the head; the encoder stays in eval mode when frozen."""
         super().train(mode)
         if self.freeze_encoder:
-            self.model.eval()
+            self.encoder.eval()
         return self
 
-    def grid_size(self, inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
-        """(h, w) token grid of the (B, C, H, W) / (B, H, W) inputs: (H / P, W / P)."""
-        x = inputs[self.in_domains[0]]
-        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-
     def tokens(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Encoder tokens (B, sum N_d + G, D); no gradient when the encoder is frozen."""
+        """Encoder tokens (B, N + G, D); no gradient when the encoder is frozen."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            return self.model.encode(inputs, valid=valid)
+            return self.encoder.encode(inputs, valid=valid)
+
+    def grids(self, tokens: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """The patch tokens of every grid domain on one common grid, the finest of the layout.
+
+        Domains with a coarser grid (a larger patch size) are repeated onto it (nearest neighbour).
+
+        Returns:
+            ``n_domains x (B, h * w, D)`` and (h, w).
+        """
+        x = inputs[self.encoder.in_domains[0]]
+        layout = self.encoder.layout(tuple(x.shape[-2:]))
+        segments = layout.grid_segments()
+        h, w = max((s.grid for s in segments), key=lambda g: g[0] * g[1])
+        out = []
+        for seg in segments:
+            t = tokens[:, seg.slice]  # (B, h_d * w_d, D)
+            if seg.grid != (h, w):
+                g = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *seg.grid)
+                t = F.interpolate(g, size=(h, w), mode="nearest").flatten(2).transpose(1, 2)
+            out.append(t)
+        return out, (h, w)
 
     def forward(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits: (B, K) for a :class:`LinearHead`, (B, K, H, W) for a segmentation head."""
         tokens = self.tokens(inputs, valid)
         if isinstance(self.head, LinearHead):
             return self.head(tokens)
-        h, w = self.grid_size(inputs)
-        n = h * w
-        grids = [tokens[:, i * n:(i + 1) * n] for i in range(len(self.in_domains))]  # n_domains x (B, h*w, D)
-        return self.head(grids, (h, w))
+        grids, size = self.grids(tokens, inputs)
+        return self.head(grids, size)
 
     @torch.no_grad()
     def embed(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(B, D) mean of all encoder tokens (the kNN embedding)."""
-        return self.model.encode(inputs, valid=valid).mean(dim=1)
+        return self.encoder.encode(inputs, valid=valid).mean(dim=1)
 
 
-def build_head(task: str, head: str, *, dim: int, num_classes: int, in_domains: list[str], patch_size: int,
-               pool: str = "mean", num_global_tokens: int = 1, full_finetune: bool = True) -> nn.Module:
+def build_head(task: str, head: str, *, encoder: MultiModalEncoder, num_classes: int, pool: str = "mean",
+               full_finetune: bool = True) -> nn.Module:
     """Head for a task from config keys ``finetune.task`` / ``finetune.head`` / ``finetune.pool``.
 
     Classification and multi-label use :class:`LinearHead` (``head`` must be ``linear``); segmentation uses
-    :class:`ConvNeXtSegHead` (``convnext``) or :class:`LinearSegHead` (``linear``). Segmentation needs pixel
-    domains: every input domain gives one (h, w) token grid.
+    :class:`ConvNeXtSegHead` (``convnext``) or :class:`LinearSegHead` (``linear``) on the finest token grid of the
+    encoder's grid domains (patch size P = the smallest of their patch sizes).
 
     Raises:
-        ValueError: an unknown head for the task.
+        ValueError: an unknown head for the task, or segmentation from image-level inputs only.
     """
+    dim, in_domains = encoder.dim, encoder.in_domains
     if task in ("classification", "multilabel"):
         if head != "linear":
             raise ValueError(f"finetune.head {head!r}: {task} uses the 'linear' head")
-        return LinearHead(dim=dim, num_classes=num_classes, pool=pool, num_global_tokens=num_global_tokens,
+        return LinearHead(dim=dim, num_classes=num_classes, pool=pool, num_global_tokens=encoder.num_global_tokens,
                           init_scale=0.001 if full_finetune else 1.0)
     for d in in_domains:
         if get_domain(d).level != "pixel":
             raise ValueError(f"segmentation needs pixel-level input domains; {d!r} is image-level")
+    patch_size = min(encoder.patch_sizes[d] for d in in_domains)
     if head == "convnext":
         return ConvNeXtSegHead(dim=dim, num_classes=num_classes, num_domains=len(in_domains), patch_size=patch_size,
                                hidden_dim=max(32, dim // 2), upsample=4 if patch_size % 4 == 0 else 1)

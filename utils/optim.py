@@ -7,8 +7,8 @@ embeddings (``nn.Embedding``) are excluded, as in MAE / BEiT fine-tuning and nan
 
 Layer-wise lr decay (BEiT, Bao et al. 2022; used by MAE fine-tuning) scales the lr of encoder
 block ``i`` by ``layer_decay ** (num_layers + 1 - layer_id)``: layer 0 holds everything before
-the encoder (input adapters, tokens, embeddings), layers 1..L the blocks, L+1 the rest (heads,
-decoders, final norm).
+the blocks (input adapters, tokens, embeddings), layers 1..L the blocks, L+1 the rest (heads,
+decoders).
 """
 
 from __future__ import annotations
@@ -54,21 +54,20 @@ def no_decay_names(model: nn.Module) -> set[str]:
 
 
 def multimae_layer_id(name: str, num_layers: int) -> int:
-    """Layer id of a MultiMAE parameter for layer-wise lr decay.
+    """Layer id of a parameter of an objective or fine-tuning model for layer-wise lr decay.
 
-    ``input_adapters.*``, ``global_tokens``, ``domain_embeds.*`` -> 0; ``encoder.<i>.*`` -> i + 1;
-    anything else (encoder norm, output adapters, heads) -> ``num_layers + 1``. A leading
-    ``model.`` / ``module.`` / ``encoder_model.`` wrapper prefix is ignored.
+    ``encoder.blocks.<i>.*`` -> i + 1; every other encoder parameter (input adapters, global tokens, domain
+    embeddings) -> 0; anything else (decoders, heads, criterion) -> ``num_layers + 1``. A leading
+    ``module.`` (DDP) prefix is ignored.
     """
-    for prefix in ("module.", "model.", "encoder_model."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    if name.startswith(("input_adapters.", "global_tokens", "domain_embeds", "pos_embed")):
-        return 0
+    if name.startswith("module."):
+        name = name[len("module."):]
     parts = name.split(".")
-    if parts[0] == "encoder" and len(parts) > 1 and parts[1].isdigit():
-        return int(parts[1]) + 1
-    return num_layers + 1
+    if parts[0] != "encoder":
+        return num_layers + 1
+    if len(parts) > 2 and parts[1] == "blocks" and parts[2].isdigit():
+        return int(parts[2]) + 1
+    return 0
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, decay_everything: bool = False,
@@ -113,8 +112,8 @@ def build_optimizer(groups: Iterable[dict], optim_cfg: dict, lr: float) -> torch
 
     The ``names`` entries of the groups are kept on the optimizer's param groups for inspection
     (they are plain strings, so the optimizer state dict stays ``weights_only``-loadable).
-    torch's fused AdamW kernel is used when every parameter is a floating-point CPU or CUDA tensor:
-    on a 2-core CPU it steps ViT-B's parameters 12x faster than the default foreach path (measured).
+    torch's fused AdamW kernel is used when every parameter is a floating-point CPU or CUDA tensor
+    (BENCHMARKS.md compares it with the default path).
     """
     groups = list(groups)
     for g in groups:

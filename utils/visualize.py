@@ -1,4 +1,7 @@
-"""Reconstruction pictures: for each sample, one row per domain with input, mask, prediction, target.
+"""Pictures of a pretraining objective: :func:`save_pictures` renders what ``Objective.pictures`` returns.
+
+Kind ``reconstruction`` (MultiMAE-EO, :func:`save_reconstructions`): for each sample, one row per domain with
+input, mask, prediction, target.
 
 Rendering per domain kind (matplotlib, Agg backend, no display needed):
 
@@ -31,7 +34,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from multimae.criterion import norm_pix_target  # noqa: E402
 from multimae.domains import IGNORE_INDEX, get_domain, get_modality  # noqa: E402
 
-__all__ = ["save_reconstructions"]
+__all__ = ["save_pictures", "save_reconstructions"]
 
 _GREY = np.array([0.55, 0.55, 0.55])
 _MIN_HALF_RANGE = 0.25  # z-score units
@@ -74,7 +77,7 @@ def _grey_out(rgb: np.ndarray, masked: np.ndarray) -> np.ndarray:
 
 
 def _domain_panels(name: str, inp: torch.Tensor, pred: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,
-                   patch_size: int) -> tuple[list[np.ndarray], dict[str, str] | None]:
+                   patch_size: int, norm_pix: bool) -> tuple[list[np.ndarray], dict[str, str] | None]:
     """Input (masked greyed), mask, prediction, target as (H, W, 3) images for one sample of one domain.
 
     Returns the four images and, for class maps, {class name: colour} of the classes shown.
@@ -93,7 +96,7 @@ def _domain_panels(name: str, inp: torch.Tensor, pred: torch.Tensor, valid: torc
         legend = {mod.class_names[i]: mod.class_colors[i] for i in present}
         return [_grey_out(tgt_rgb, masked), mask_img, pred_rgb, tgt_rgb], legend
     target = inp.float()
-    if dom.norm_pix:
+    if norm_pix:
         target = norm_pix_target(target[None], valid[None], patch_size)[0]
     target, pred, ok = target.numpy(), pred.float().numpy(), valid.numpy()
     lo, hi = _stretch_limits(target, ok)
@@ -109,10 +112,33 @@ def _domain_panels(name: str, inp: torch.Tensor, pred: torch.Tensor, valid: torc
     return [_grey_out(tgt, masked), mask_img, prd, tgt], None
 
 
+def save_pictures(output_dir: str | Path, tag: str, data: dict) -> list[Path]:
+    """Render an objective's pictures (``Objective.pictures``) into ``<output_dir>/<folder of the kind>/``.
+
+    Args:
+        output_dir: The run's output folder.
+        tag: File-name suffix, e.g. ``step000120``.
+        data: ``{"kind": ..., ...}``; kind ``reconstruction``: the keyword arguments of
+            :func:`save_reconstructions` (``inputs``, ``valid``, ``preds``, ``masks``, ``patch_sizes``, ``norm_pix``).
+
+    Returns:
+        Paths of the written PNG files.
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    kind = data.get("kind")
+    if kind == "reconstruction":
+        args = {k: v for k, v in data.items() if k != "kind"}
+        return save_reconstructions(Path(output_dir) / "reconstructions", tag, **args)
+    raise ValueError(f"no picture writer for kind {kind!r}")
+
+
 @torch.no_grad()
 def save_reconstructions(folder: str | Path, tag: str, inputs: dict[str, torch.Tensor],
                          valid: dict[str, torch.Tensor], preds: dict[str, torch.Tensor],
-                         masks: dict[str, torch.Tensor], *, patch_size: int, num_samples: int = 4) -> list[Path]:
+                         masks: dict[str, torch.Tensor], *, patch_sizes: dict[str, int], norm_pix=(),
+                         num_samples: int | None = None) -> list[Path]:
     """Write one PNG per sample: a row per output domain with input, mask, prediction and target.
 
     Args:
@@ -121,9 +147,10 @@ def save_reconstructions(folder: str | Path, tag: str, inputs: dict[str, torch.T
         inputs: Batch inputs {domain: float (B, C, H, W) z-scored or int64 (B, H, W) class ids}.
         valid: {domain: bool (B, H, W)}.
         preds: Model output {domain: (B, C, H, W) or logits (B, K, H / ds, W / ds)}.
-        masks: {domain: (B, N) float, 1 = masked}.
-        patch_size: Patch side P in px (for the per-patch normalised targets).
-        num_samples: Samples drawn (at most B).
+        masks: {domain: (B, N_d) float, 1 = masked}, square token grids.
+        patch_sizes: Patch side in px of each output domain's tokens (for per-patch normalised targets).
+        norm_pix: Output domains whose target is normalised per patch.
+        num_samples: Samples drawn (default: all B).
 
     Returns:
         Paths of the written PNG files.
@@ -135,13 +162,13 @@ def save_reconstructions(folder: str | Path, tag: str, inputs: dict[str, torch.T
            (("inputs", inputs), ("valid", valid), ("preds", preds), ("masks", masks))}
     b = next(iter(cpu["preds"].values())).shape[0]
     paths = []
-    for i in range(min(num_samples, b)):
+    for i in range(b if num_samples is None else min(num_samples, b)):
         fig, axes = plt.subplots(len(domains), 4, figsize=(9.5, 2.3 * len(domains)), squeeze=False)
         for row, name in enumerate(domains):
             src = get_domain(name).source or name
             panels, legend = _domain_panels(
                 name, cpu["inputs"][src][i], cpu["preds"][name][i], cpu["valid"][src][i], cpu["masks"][name][i],
-                patch_size,
+                patch_sizes[name], name in set(norm_pix),
             )
             for col, (ax, img) in enumerate(zip(axes[row], panels)):
                 ax.imshow(img, interpolation="nearest")

@@ -119,6 +119,9 @@ class MMEarthDataset(Dataset):
         seed: Base seed. Crop and flip of a sample depend only on (seed, epoch, HDF5 row), so they
             do not change with worker count, batch composition or order (exact resume).
         indices: HDF5 rows to use instead of the split's list.
+        batch_transform: Optional picklable ``fn(samples, seeds) -> samples`` applied to every batch in the
+            loading process (a pretraining objective's worker-side masks); ``seeds`` is a uint64 array (B,) that
+            depends only on (seed, epoch, HDF5 row). Settable as an attribute.
         rdcc_nbytes: HDF5 chunk-cache size per dataset (None = h5py's default); only the fallback
             read path uses it.
 
@@ -131,7 +134,7 @@ class MMEarthDataset(Dataset):
     def __init__(
         self, data_path, domains: Sequence[str], split: str = "train", *, input_size: int | None = None,
         augment: bool = False, hflip: float = 0.5, resize: bool = False, elevation_norm: str = "per_tile",
-        seed: int = 0, indices=None, rdcc_nbytes: int | None = None,
+        seed: int = 0, indices=None, rdcc_nbytes: int | None = None, batch_transform=None,
     ) -> None:
         if isinstance(domains, str) or not domains:
             raise ValueError(f"domains must be a non-empty list of domain names, got {domains!r}")
@@ -144,6 +147,7 @@ class MMEarthDataset(Dataset):
         self.augment, self.hflip, self.resize = bool(augment), float(hflip), bool(resize)
         self.elevation_norm, self.seed, self.split = elevation_norm, int(seed), split
         self._rdcc_nbytes = rdcc_nbytes
+        self.batch_transform = batch_transform
         resolved = [get_domain(d) for d in self.domains]
         loaded = {d.source if d.is_output_only else d.name: None for d in resolved}
         self._loaded = [get_domain(name) for name in loaded]
@@ -265,7 +269,7 @@ class MMEarthDataset(Dataset):
                 norm = "per_tile" if plan.per_tile else "band_stats"
             info[name] = {
                 "modality": mod.name, "bands": list(d.bands), "kind": d.kind, "level": d.level, "units": mod.units,
-                "source": d.source, "normalization": norm, "norm_pix": d.norm_pix,
+                "source": d.source, "normalization": norm,
                 "stats": {k: {"mean": self._stats[k]["mean"][plan.idx].tolist(),
                               "std": self._stats[k]["std"][plan.idx].tolist()} for k in plan.stats_keys},
                 "class_names": list(mod.class_names) if mod.kind != "continuous" else [],
@@ -342,11 +346,19 @@ class MMEarthDataset(Dataset):
             if self.resize and plan.domain.level == "pixel" and x.shape[-1] != self.input_size:
                 x, v = self._resize(plan, x, v)
             inputs[plan.domain.name], valid[plan.domain.name] = torch.from_numpy(x), torch.from_numpy(v)
-        return [
+        samples = [
             {"inputs": {k: t[b] for k, t in inputs.items()}, "valid": {k: t[b] for k, t in valid.items()},
              "index": int(rows[b])}
             for b in range(len(rows))
         ]
+        if self.batch_transform is not None:
+            samples = self.batch_transform(samples, self.sample_seeds(rows))
+        return samples
+
+    def sample_seeds(self, rows: np.ndarray) -> np.ndarray:
+        """uint64 (B,) seeds for per-sample draws outside the augmentation (a function of seed, epoch, row)."""
+        key = splitmix64(splitmix64(np.uint64(self.seed & (2**64 - 1))) ^ np.uint64(self.epoch))
+        return splitmix64(splitmix64(key ^ np.asarray(rows).astype(np.uint64)) ^ np.uint64(0x9E3779B97F4A7C15))
 
     def __getitem__(self, position: int) -> dict:
         return self.__getitems__([position])[0]
