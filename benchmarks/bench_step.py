@@ -1,13 +1,20 @@
-"""Time one MultiMAE pretraining step against a bare timm ViT of the same size.
+"""Time one pretraining step of an objective against a baseline run in the same process.
 
-One step = forward (masking, encoder, decoders), loss, backward, AdamW step, on random data of the
-shapes the config describes. The baseline is a plain timm ``VisionTransformer`` with the same
-width, depth and heads on the same number of encoder tokens (K visible + G global: a 1 x K patch
-grid plus a class token and G - 1 register tokens), trained with a trivial loss by its own AdamW,
-in the same process. Steps of the two models alternate (ABBA order), so both see the same machine
-state; the median over ``--steps`` timed steps is reported::
+One step = the objective's forward (masking, encoder, decoders / predictors, targets), loss, backward, AdamW
+step, on random data of the shapes the config describes (passed through the objective's worker-side batch
+transform, as the data loader would). Baselines (``--baseline``):
+
+- ``vit`` (MultiMAE-EO only): a plain timm ``VisionTransformer`` with the same width, depth and heads on the
+  same number of encoder tokens (K visible + G global: a 1 x K patch grid plus a class token and G - 1
+  register tokens), trained with a trivial loss;
+- ``multimae``: the MultiMAE-EO objective (``cfgs/defaults.yaml`` section ``multimae``) around the same
+  encoder (same ``model.*``, ``in_domains``, input size), to compare the step cost of recipes.
+
+Each model has its own AdamW. Steps of the two alternate (ABBA order), so both see the same machine state; the
+median over ``--steps`` timed steps is reported::
 
     python benchmarks/bench_step.py --config cfgs/defaults.yaml --batch-size 8 --steps 10
+    python benchmarks/bench_step.py --config cfgs/pretrain/demo.yaml --objective multimae --baseline vit
 
 prints ``step_s``, ``baseline_step_s`` and ``ratio`` (and the 1-minute load average at the end:
 on a shared machine, other processes inflate every parallel kernel launch, the MultiMAE step has
@@ -30,7 +37,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from multimae.build import build_criterion, build_multimae, random_inputs, resolve_preset  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
+
+from multimae.build import build_pretraining, random_inputs, resolve_preset  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -45,9 +54,26 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
+def random_batch(cfg: dict, objective, batch_size: int, device: torch.device) -> dict:
+    """A random batch of ``cfg``'s shapes, through the objective's batch transform (as the loader gives it)."""
+    inputs, valid = random_inputs(cfg, batch_size)
+    samples = [{"inputs": {k: v[b] for k, v in inputs.items()}, "valid": {k: v[b] for k, v in valid.items()},
+                "index": b} for b in range(batch_size)]
+    transform = objective.batch_transform()
+    if transform is not None:
+        samples = transform(samples, (torch.arange(batch_size, dtype=torch.int64) * 7919 + 13).numpy().astype("uint64"))
+    batch = default_collate(samples)
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else
+                {kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in batch.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="cfgs/defaults.yaml or an experiment YAML")
+    parser.add_argument("--config", required=True, action="append",
+                        help="cfgs/defaults.yaml or an experiment YAML (repeat to merge several)")
+    parser.add_argument("--objective", default=None, help="override the config's objective")
+    parser.add_argument("--baseline", default=None, choices=("vit", "multimae"),
+                        help="vit (default for multimae) or multimae (default for other objectives)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
@@ -58,39 +84,56 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, [f"objective={args.objective}"] if args.objective else [])
+    baseline = args.baseline or ("vit" if cfg["objective"] == "multimae" else "multimae")
+    if baseline == "vit" and cfg["objective"] != "multimae":
+        parser.error("--baseline vit needs the multimae objective (its encoder token count K is the budget)")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     torch.manual_seed(0)
 
-    model = build_multimae(cfg).to(device)
-    criterion = build_criterion(cfg).to(device)
-    params = list(model.parameters()) + list(criterion.parameters())
-    # fused AdamW (one kernel per tensor, CPU and CUDA) for both models: torch's default on CPU is
-    # the per-tensor Python loop, which costs seconds per step for ViT-B on 2 cores.
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
-    inputs, valid = random_inputs(cfg, args.batch_size, device=device)
+    def adamw(params):
+        # fused AdamW (one kernel per tensor, CPU and CUDA) for both models, as the training loop uses
+        return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+
+    model = build_pretraining(cfg).to(device)
+    opt = adamw(model.parameters())
+    batch = random_batch(cfg, model, args.batch_size, device)
+
+    def fwd_bwd_objective() -> None:
+        with amp:
+            out = model(batch)
+        out["loss"].backward()
 
     size = resolve_preset(cfg["model"]["preset"])
-    k, g, p = cfg["masking"]["num_encoded_tokens"], cfg["model"]["num_global_tokens"], cfg["model"]["patch_size"]
-    vit = VisionTransformer(
-        img_size=(p, k * p), patch_size=p, in_chans=3, num_classes=0, embed_dim=size["dim"],
-        depth=size["depth"], num_heads=size["heads"], class_token=True, reg_tokens=g - 1,
-    ).to(device)
-    vit_opt = torch.optim.AdamW(vit.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
-    vit_x = torch.randn(args.batch_size, 3, p, k * p, device=device)
+    g, p = cfg["model"]["num_global_tokens"], cfg["model"]["patch_size"]
+    if baseline == "vit":
+        k = cfg["multimae"]["masking"]["num_encoded_tokens"]
+        vit = VisionTransformer(
+            img_size=(p, k * p), patch_size=p, in_chans=3, num_classes=0, embed_dim=size["dim"],
+            depth=size["depth"], num_heads=size["heads"], class_token=True, reg_tokens=g - 1,
+        ).to(device)
+        base_opt = adamw(vit.parameters())
+        vit_x = torch.randn(args.batch_size, 3, p, k * p, device=device)
 
-    def fwd_bwd_multimae() -> None:
-        with amp:
-            preds, masks = model(inputs, valid=valid)
-        criterion(preds, inputs, masks, valid)["loss"].backward()
+        def fwd_bwd_baseline() -> None:
+            with amp:
+                feats = vit.forward_features(vit_x)  # (B, K + G, D)
+            feats.float().square().mean().backward()
+        tokens = f"encoder_tokens: {k + g}"
+    else:
+        base_cfg = {**cfg, "objective": "multimae"}
+        base_model = build_pretraining(base_cfg).to(device)
+        base_opt = adamw(base_model.parameters())
+        base_batch = random_batch(base_cfg, base_model, args.batch_size, device)
 
-    def fwd_bwd_vit() -> None:
-        with amp:
-            feats = vit.forward_features(vit_x)  # (B, K + G, D)
-        feats.float().square().mean().backward()
+        def fwd_bwd_baseline() -> None:
+            with amp:
+                out = base_model(base_batch)
+            out["loss"].backward()
+        tokens = f"multimae_encoded_tokens: {cfg['multimae']['masking']['num_encoded_tokens'] + g}"
 
     def timed(fwd_bwd, optimizer) -> tuple[float, float]:
         if device.type == "cuda":
@@ -106,9 +149,9 @@ def main() -> None:
     times, base_times = [], []
     for i in range(args.warmup + args.steps):
         if i % 2:  # alternate which model goes first, so neither profits from the order
-            tb, t = timed(fwd_bwd_vit, vit_opt), timed(fwd_bwd_multimae, opt)
+            tb, t = timed(fwd_bwd_baseline, base_opt), timed(fwd_bwd_objective, opt)
         else:
-            t, tb = timed(fwd_bwd_multimae, opt), timed(fwd_bwd_vit, vit_opt)
+            t, tb = timed(fwd_bwd_objective, opt), timed(fwd_bwd_baseline, base_opt)
         if i >= args.warmup:
             times.append(t)
             base_times.append(tb)
@@ -116,8 +159,8 @@ def main() -> None:
     cpu_s, base_cpu_s = (statistics.median(t[1] for t in ts) for ts in (times, base_times))
     print(f"device: {device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"precision: {precision}, threads: {torch.get_num_threads()}")
-    print(f"batch_size: {args.batch_size}, steps: {args.steps}, encoder_tokens: {k + g}, "
-          f"load_avg_1min: {os.getloadavg()[0]:.2f}")
+    print(f"objective: {cfg['objective']}, baseline: {baseline}, params: {sum(x.numel() for x in model.parameters())}")
+    print(f"batch_size: {args.batch_size}, steps: {args.steps}, {tokens}, load_avg_1min: {os.getloadavg()[0]:.2f}")
     print(f"step_s: {step_s:.4f}")
     print(f"baseline_step_s: {base_s:.4f}")
     print(f"ratio: {step_s / base_s:.3f}")
@@ -125,8 +168,8 @@ def main() -> None:
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for key, v in BF16_PEAK_TFLOPS.items() if key in name), None)
-        flops = count_flops(fwd_bwd_multimae)
-        base_flops = count_flops(fwd_bwd_vit)
+        flops = count_flops(fwd_bwd_objective)
+        base_flops = count_flops(fwd_bwd_baseline)
         print(f"samples_per_s: {args.batch_size / step_s:.1f}")
         print(f"tflops_per_step: {flops / 1e12:.3f}")
         print(f"baseline_tflops_per_step: {base_flops / 1e12:.3f}")
