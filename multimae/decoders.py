@@ -20,6 +20,9 @@ With it, a visible query keeps its own encoded feature and the block is the stan
 transformer decoder layer; without it a query's own content reaches the output only through
 attention. It adds no parameters, so the parameter count matches the reference.
 
+Domain embeddings are looked up by domain name (``domain_embeds.<domain>``) for each segment, so a
+checkpoint's names say which segment an embedding belongs to.
+
 Initialisation: the mask token and the domain embeddings start from a truncated normal (std 0.02),
 as MAE initialises its mask token; the reference MultiMAE starts the mask token at zeros.
 """
@@ -118,10 +121,12 @@ class SpatialDecoder(nn.Module):
         self.xattn_residual = xattn_residual
         self.grid = (input_size // patch_size, input_size // patch_size)
 
-        embed_domains = self.context_domains + ([] if query_domain in self.context_domains else [query_domain])
+        # Segment order: the context domains, then a decode-only query domain. ParameterDict sorts the
+        # keys of a plain dict, so the order is kept here and embeddings are looked up by name.
+        self.embed_domains = self.context_domains + ([] if query_domain in self.context_domains else [query_domain])
         self.context_proj = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.domain_embeds = nn.ParameterDict({d: nn.Parameter(torch.zeros(1, 1, dim)) for d in embed_domains})
+        self.domain_embeds = nn.ParameterDict({d: nn.Parameter(torch.zeros(1, 1, dim)) for d in self.embed_domains})
         self.register_buffer("pos_embed", sincos_pos_embed_2d(*self.grid, dim), persistent=False)  # (N, Dd)
 
         self.query_norm = _LayerNorm(dim)
@@ -142,6 +147,10 @@ class SpatialDecoder(nn.Module):
         if grid == self.grid:
             return self.pos_embed.to(ref.dtype)
         return sincos_pos_embed_2d(*grid, self.dim, device=ref.device, dtype=ref.dtype)
+
+    def stacked_domain_embeds(self) -> torch.Tensor:
+        """Domain embeddings in segment order (``embed_domains``): (n_embed, 1, Dd)."""
+        return torch.cat([self.domain_embeds[d] for d in self.embed_domains], dim=0)
 
     def forward(
         self,
@@ -168,7 +177,7 @@ class SpatialDecoder(nn.Module):
         visible, global_tokens = x[:, :k], x[:, k:]
 
         pos = self._pos(grid, x)  # (N_d, Dd)
-        embeds = torch.cat([p for p in self.domain_embeds.values()], dim=0)  # (n_embed, 1, Dd)
+        embeds = self.stacked_domain_embeds()  # (n_embed, 1, Dd)
         embeds = (pos.unsqueeze(0) + embeds.to(x.dtype)).flatten(0, 1)  # (n_embed * N_d, Dd), segment order
         context = torch.cat([visible + embeds[ids_keep], global_tokens], dim=1)  # (B, K + G, Dd)
 
@@ -261,7 +270,7 @@ def decode_all(
 
     # Embedding tables (E, n_ctx + 1, N_d, Dd): position + domain embedding; row n_ctx = decode-only domain.
     zero = encoded.new_zeros(1, 1, dim)
-    embeds = stack(lambda d: torch.cat(list(d.domain_embeds.values()) + [zero] * (n_ctx + 1 - len(d.domain_embeds))))
+    embeds = stack(lambda d: torch.cat([d.stacked_domain_embeds()] + [zero] * (n_ctx + 1 - len(d.embed_domains))))
     table = first._pos(grid, x).unsqueeze(0).unsqueeze(0) + embeds.to(x.dtype)  # (E, n_ctx + 1, N_d, Dd)
     context = torch.cat([visible + table.flatten(1, 2)[:, ids_keep], global_tokens], dim=2)  # (E, B, K + G, Dd)
 
