@@ -11,7 +11,11 @@ One adapter per input domain (Bachmann et al., MultiMAE, ECCV 2022, section 3.1)
 
 Position embeddings are non-persistent buffers built for the grid of ``input_size`` (see
 :mod:`multimae.pos_embed`); an input of another size (divisible by the patch size) gets an
-embedding computed for its own grid.
+embedding computed for its own grid. With ``pos_embed_grid`` set, the embedding is instead the
+sin-cos table of that base grid resized to the token grid (MultiMAE's convention, needed by
+weights trained with it): bicubic by default in :class:`PatchAdapter`, bilinear in
+:class:`CategoricalAdapter`, the modes of MultiMAE's ``PatchedInputAdapter`` and
+``SemSegInputAdapter``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multimae.domains import IGNORE_INDEX
-from multimae.pos_embed import sincos_pos_embed_2d
+from multimae.pos_embed import PosEmbedMode, check_pos_embed_mode, grid_pos_embed
 
 __all__ = ["PatchAdapter", "CategoricalAdapter", "majority_pool", "patch_validity"]
 
@@ -70,17 +74,32 @@ def patch_validity(valid: torch.Tensor, patch_size: int) -> torch.Tensor:
 class _GridAdapter(nn.Module):
     """Shared part of the adapters: size checks and the position embedding of the token grid."""
 
-    def __init__(self, name: str, dim: int, patch_size: int, input_size: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        dim: int,
+        patch_size: int,
+        input_size: int,
+        pos_embed_grid: int | tuple[int, int] | None,
+        pos_embed_mode: PosEmbedMode,
+    ) -> None:
         super().__init__()
         if input_size % patch_size != 0:
             raise ValueError(
                 f"domain {name!r}: data.input_size {input_size} is not divisible by model.patch_size {patch_size}"
             )
+        check_pos_embed_mode(pos_embed_mode, f"domain {name!r}: pos_embed_mode")
         self.name = name
         self.dim = dim
         self.patch_size = patch_size
         self.grid = (input_size // patch_size, input_size // patch_size)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(*self.grid, dim).unsqueeze(0), persistent=False)
+        self.pos_embed_grid = pos_embed_grid
+        self.pos_embed_mode = pos_embed_mode
+        self.register_buffer("pos_embed", self._pos_table(self.grid).unsqueeze(0), persistent=False)
+
+    def _pos_table(self, grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+        """(N, D) position embedding of ``grid``: sin-cos on it, or the resized base-grid table."""
+        return grid_pos_embed(grid, self.dim, base_grid=self.pos_embed_grid, mode=self.pos_embed_mode, device=device)
 
     def _check_size(self, h: int, w: int) -> tuple[int, int]:
         if h % self.patch_size or w % self.patch_size:
@@ -91,8 +110,8 @@ class _GridAdapter(nn.Module):
 
     def _add_pos(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos = self.pos_embed
-        if grid != self.grid:  # another image size: embed its own grid (cheap, no interpolation)
-            pos = sincos_pos_embed_2d(*grid, self.dim, device=tokens.device).unsqueeze(0)
+        if grid != self.grid:  # another image size: embed its own grid (cheap)
+            pos = self._pos_table(grid, tokens.device).unsqueeze(0)
         return tokens + pos.to(tokens.dtype)
 
 
@@ -105,10 +124,24 @@ class PatchAdapter(_GridAdapter):
         dim: Token width D of the encoder.
         patch_size: Patch side P in pixels.
         input_size: Image side in pixels the position embedding buffer is built for.
+        pos_embed_grid: None: sin-cos computed on the token grid. A grid (tokens per side, e.g. 28
+            for MultiMAE's 224 px at patch 8): the sin-cos table of that grid resized to the token
+            grid with ``pos_embed_mode``.
+        pos_embed_mode: ``bicubic`` (MultiMAE's image adapters) or ``bilinear``.
     """
 
-    def __init__(self, name: str, in_channels: int, dim: int, *, patch_size: int, input_size: int) -> None:
-        super().__init__(name, dim, patch_size, input_size)
+    def __init__(
+        self,
+        name: str,
+        in_channels: int,
+        dim: int,
+        *,
+        patch_size: int,
+        input_size: int,
+        pos_embed_grid: int | tuple[int, int] | None = None,
+        pos_embed_mode: PosEmbedMode = "bicubic",
+    ) -> None:
+        super().__init__(name, dim, patch_size, input_size, pos_embed_grid, pos_embed_mode)
         self.in_channels = in_channels
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         # MAE / MultiMAE: xavier-uniform on the flattened kernel, as for a Linear layer.
@@ -150,6 +183,9 @@ class CategoricalAdapter(_GridAdapter):
         input_size: Image side in pixels the position embedding buffer is built for.
         label_downsample: Majority-pooling factor ds; P must be divisible by ds.
         class_embed_dim: Width of the class embedding.
+        pos_embed_grid: As in :class:`PatchAdapter`.
+        pos_embed_mode: ``bilinear`` (MultiMAE's ``SemSegInputAdapter``) or ``bicubic``; used only
+            with ``pos_embed_grid``.
     """
 
     def __init__(
@@ -162,8 +198,10 @@ class CategoricalAdapter(_GridAdapter):
         input_size: int,
         label_downsample: int = 1,
         class_embed_dim: int = 64,
+        pos_embed_grid: int | tuple[int, int] | None = None,
+        pos_embed_mode: PosEmbedMode = "bilinear",
     ) -> None:
-        super().__init__(name, dim, patch_size, input_size)
+        super().__init__(name, dim, patch_size, input_size, pos_embed_grid, pos_embed_mode)
         if patch_size % label_downsample != 0:
             raise ValueError(
                 f"domain {name!r}: model.patch_size {patch_size} is not divisible by its label_downsample "

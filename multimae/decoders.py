@@ -20,6 +20,10 @@ With it, a visible query keeps its own encoded feature and the block is the stan
 transformer decoder layer; without it a query's own content reaches the output only through
 attention. It adds no parameters, so the parameter count matches the reference.
 
+Position embedding: by default the sin-cos table of the token grid. With ``pos_embed_grid`` it is
+the sin-cos table of that base grid resized to the token grid, bilinear by default, as MultiMAE's
+``SpatialOutputAdapter`` does (28 x 28 for its 224 px default at patch 8), for context and queries.
+
 Domain embeddings are looked up by domain name (``domain_embeds.<domain>``) for each segment, so a
 checkpoint's names say which segment an embedding belongs to.
 
@@ -39,7 +43,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from multimae.pos_embed import sincos_pos_embed_2d
+from multimae.pos_embed import PosEmbedMode, check_pos_embed_mode, grid_pos_embed
 
 __all__ = ["CrossAttention", "SpatialDecoder"]
 
@@ -91,7 +95,12 @@ class SpatialDecoder(nn.Module):
         depth: Self-attention blocks after the cross-attention.
         num_heads: Heads of the cross-attention and of the blocks.
         mlp_ratio: MLP hidden width / Dd.
-        xattn_residual: Residual connection around the cross-attention (module docstring).
+        xattn_residual: Residual connection around the cross-attention (module docstring); False is
+            MultiMAE's ``SpatialOutputAdapter``.
+        pos_embed_grid: None: sin-cos computed on the token grid. A grid (tokens per side, e.g. 28):
+            the sin-cos table of that grid resized to the token grid with ``pos_embed_mode``.
+        pos_embed_mode: ``bilinear`` (MultiMAE's decoders) or ``bicubic``; used only with
+            ``pos_embed_grid``.
     """
 
     def __init__(
@@ -110,8 +119,11 @@ class SpatialDecoder(nn.Module):
         num_heads: int = 8,
         mlp_ratio: float = 4.0,
         xattn_residual: bool = True,
+        pos_embed_grid: int | tuple[int, int] | None = None,
+        pos_embed_mode: PosEmbedMode = "bilinear",
     ) -> None:
         super().__init__()
+        check_pos_embed_mode(pos_embed_mode, f"decoder {name!r}: pos_embed_mode")
         self.name = name
         self.dim = dim
         self.context_domains = list(context_domains)
@@ -120,6 +132,8 @@ class SpatialDecoder(nn.Module):
         self.out_patch_size = out_patch_size
         self.xattn_residual = xattn_residual
         self.grid = (input_size // patch_size, input_size // patch_size)
+        self.pos_embed_grid = pos_embed_grid
+        self.pos_embed_mode = pos_embed_mode
 
         # Segment order: the context domains, then a decode-only query domain. ParameterDict sorts the
         # keys of a plain dict, so the order is kept here and embeddings are looked up by name.
@@ -127,7 +141,7 @@ class SpatialDecoder(nn.Module):
         self.context_proj = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.domain_embeds = nn.ParameterDict({d: nn.Parameter(torch.zeros(1, 1, dim)) for d in self.embed_domains})
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(*self.grid, dim), persistent=False)  # (N, Dd)
+        self.register_buffer("pos_embed", self._pos_table(self.grid), persistent=False)  # (N, Dd)
 
         self.query_norm = _LayerNorm(dim)
         self.context_norm = _LayerNorm(dim)
@@ -143,10 +157,14 @@ class SpatialDecoder(nn.Module):
         for p in self.domain_embeds.values():
             nn.init.trunc_normal_(p, std=0.02)
 
+    def _pos_table(self, grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+        """(N, Dd) position embedding of ``grid``: sin-cos on it, or the resized base-grid table."""
+        return grid_pos_embed(grid, self.dim, base_grid=self.pos_embed_grid, mode=self.pos_embed_mode, device=device)
+
     def _pos(self, grid: tuple[int, int], ref: torch.Tensor) -> torch.Tensor:
         if grid == self.grid:
             return self.pos_embed.to(ref.dtype)
-        return sincos_pos_embed_2d(*grid, self.dim, device=ref.device, dtype=ref.dtype)
+        return self._pos_table(grid, ref.device).to(ref.dtype)
 
     def stacked_domain_embeds(self) -> torch.Tensor:
         """Domain embeddings in segment order (``embed_domains``): (n_embed, 1, Dd)."""
@@ -226,7 +244,7 @@ def can_batch(decoders: Sequence[SpatialDecoder]) -> bool:
     first = decoders[0]
     signature = lambda d: (  # noqa: E731
         d.dim, len(d.blocks), d.xattn.num_heads, d.mlp.fc1.out_features, d.context_domains, d.xattn_residual,
-        d.grid, d.query_norm.eps,
+        d.grid, d.query_norm.eps, d.pos_embed_grid, d.pos_embed_mode,
     )
     return all(signature(d) == signature(first) for d in decoders)
 
