@@ -13,7 +13,11 @@ Position embeddings are non-persistent buffers built for the grid of ``input_siz
 :mod:`multimae.pos_embed`); an input of another size (divisible by the patch size) gets an
 embedding computed for its own grid. Positions are patch centres in units of the encoder's base
 patch size (:mod:`multimae.layout`), so an adapter with a larger patch than the base places its
-tokens where they lie on the ground.
+tokens where they lie on the ground. With ``pos_embed_grid`` set, the embedding is instead the
+sin-cos table of that base grid resized to the token grid (MultiMAE's convention, needed by
+weights trained with it): bicubic by default in :class:`PatchAdapter`, bilinear in
+:class:`CategoricalAdapter`, the modes of MultiMAE's ``PatchedInputAdapter`` and
+``SemSegInputAdapter``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multimae.domains import IGNORE_INDEX
-from multimae.pos_embed import grid_coords, sincos_pos_embed_coords
+from multimae.pos_embed import PosEmbedMode, check_pos_embed_mode, grid_coords, grid_pos_embed, sincos_pos_embed_coords
 
 __all__ = ["PatchAdapter", "CategoricalAdapter", "majority_pool", "patch_validity"]
 
@@ -72,21 +76,28 @@ def patch_validity(valid: torch.Tensor, patch_size: int) -> torch.Tensor:
 class _GridAdapter(nn.Module):
     """Shared part of the adapters: size checks and the position embedding of the token grid."""
 
-    def __init__(self, name: str, dim: int, patch_size: int, input_size: int, base_patch_size: int | None) -> None:
+    def __init__(self, name: str, dim: int, patch_size: int, input_size: int, base_patch_size: int | None,
+                 pos_embed_grid: int | tuple[int, int] | None = None, pos_embed_mode: PosEmbedMode = "bicubic") -> None:
         super().__init__()
         if input_size % patch_size != 0:
             raise ValueError(
                 f"domain {name!r}: data.input_size {input_size} is not divisible by its patch size {patch_size}"
             )
+        check_pos_embed_mode(pos_embed_mode, f"domain {name!r}: pos_embed_mode")
         self.name = name
         self.dim = dim
         self.patch_size = patch_size
         self.pos_scale = patch_size / (base_patch_size or patch_size)
+        self.pos_embed_grid, self.pos_embed_mode = pos_embed_grid, pos_embed_mode
         self.grid = (input_size // patch_size, input_size // patch_size)
         self.register_buffer("pos_embed", self.position_embedding(self.grid).unsqueeze(0), persistent=False)
 
     def position_embedding(self, grid: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
-        """(h * w, D) sin-cos embedding of this adapter's patch centres on a (h, w) grid."""
+        """(h * w, D) embedding of a (h, w) token grid: sin-cos of this adapter's patch centres, or, with
+        ``pos_embed_grid``, the sin-cos table of that grid resized to (h, w) with ``pos_embed_mode``."""
+        if self.pos_embed_grid is not None:
+            return grid_pos_embed(grid, self.dim, base_grid=self.pos_embed_grid, mode=self.pos_embed_mode,
+                                  device=device)
         return sincos_pos_embed_coords(grid_coords(grid, self.pos_scale, device=device), self.dim)
 
     def _check_size(self, h: int, w: int) -> tuple[int, int]:
@@ -113,11 +124,15 @@ class PatchAdapter(_GridAdapter):
         patch_size: Patch side P in pixels.
         input_size: Image side in pixels the position embedding buffer is built for.
         base_patch_size: The encoder's base patch size p0, the unit of positions (default: P).
+        pos_embed_grid: None: sin-cos of the patch centres. A grid (tokens per side, e.g. 28 for MultiMAE's
+            224 px at patch 8): the sin-cos table of that grid resized to the token grid with ``pos_embed_mode``.
+        pos_embed_mode: ``bicubic`` (MultiMAE's image adapters) or ``bilinear``.
     """
 
     def __init__(self, name: str, in_channels: int, dim: int, *, patch_size: int, input_size: int,
-                 base_patch_size: int | None = None) -> None:
-        super().__init__(name, dim, patch_size, input_size, base_patch_size)
+                 base_patch_size: int | None = None, pos_embed_grid: int | tuple[int, int] | None = None,
+                 pos_embed_mode: PosEmbedMode = "bicubic") -> None:
+        super().__init__(name, dim, patch_size, input_size, base_patch_size, pos_embed_grid, pos_embed_mode)
         self.in_channels = in_channels
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         # MAE / MultiMAE: xavier-uniform on the flattened kernel, as for a Linear layer.
@@ -160,6 +175,9 @@ class CategoricalAdapter(_GridAdapter):
         label_downsample: Majority-pooling factor ds; P must be divisible by ds.
         class_embed_dim: Width of the class embedding.
         base_patch_size: The encoder's base patch size p0, the unit of positions (default: P).
+        pos_embed_grid: As in :class:`PatchAdapter`.
+        pos_embed_mode: ``bilinear`` (MultiMAE's ``SemSegInputAdapter``) or ``bicubic``; used only with
+            ``pos_embed_grid``.
     """
 
     def __init__(
@@ -173,8 +191,10 @@ class CategoricalAdapter(_GridAdapter):
         label_downsample: int = 1,
         class_embed_dim: int = 64,
         base_patch_size: int | None = None,
+        pos_embed_grid: int | tuple[int, int] | None = None,
+        pos_embed_mode: PosEmbedMode = "bilinear",
     ) -> None:
-        super().__init__(name, dim, patch_size, input_size, base_patch_size)
+        super().__init__(name, dim, patch_size, input_size, base_patch_size, pos_embed_grid, pos_embed_mode)
         if patch_size % label_downsample != 0:
             raise ValueError(
                 f"domain {name!r}: model.patch_size {patch_size} is not divisible by its label_downsample "

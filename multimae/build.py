@@ -109,6 +109,7 @@ def encoder_kwargs(cfg: dict, in_domains: Sequence[str] | None = None) -> dict[s
         gsd=float(_get(cfg, "model.gsd", (int, float))),
         ffn=_get(cfg, "model.ffn", str),
         ffn_options=dict(_get(cfg, "model.ffn_options", dict)),
+        pos_embed_grid=_get(cfg, "model.pos_embed_grid", (int, type(None))),
     )
 
 

@@ -40,7 +40,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from multimae.layout import TokenLayout
-from multimae.pos_embed import grid_coords, sincos_pos_embed_coords
+from multimae.pos_embed import PosEmbedMode, check_pos_embed_mode, grid_coords, grid_pos_embed, sincos_pos_embed_coords
 
 __all__ = ["CrossAttention", "SpatialDecoder"]
 
@@ -92,7 +92,12 @@ class SpatialDecoder(nn.Module):
         depth: Self-attention blocks after the cross-attention.
         num_heads: Heads of the cross-attention and of the blocks.
         mlp_ratio: MLP hidden width / Dd.
-        xattn_residual: Residual connection around the cross-attention (module docstring).
+        xattn_residual: Residual connection around the cross-attention (module docstring); False is
+            MultiMAE's ``SpatialOutputAdapter``.
+        pos_embed_grid: None: sin-cos of the patch centres. A grid (tokens per side, e.g. 28): every grid
+            segment's embedding is the sin-cos table of that grid resized to the segment's grid with
+            ``pos_embed_mode`` (MultiMAE's convention).
+        pos_embed_mode: ``bilinear`` (MultiMAE's decoders) or ``bicubic``; used only with ``pos_embed_grid``.
     """
 
     def __init__(
@@ -111,8 +116,12 @@ class SpatialDecoder(nn.Module):
         num_heads: int = 8,
         mlp_ratio: float = 4.0,
         xattn_residual: bool = True,
+        pos_embed_grid: int | tuple[int, int] | None = None,
+        pos_embed_mode: PosEmbedMode = "bilinear",
     ) -> None:
         super().__init__()
+        check_pos_embed_mode(pos_embed_mode, f"decoder {name!r}: pos_embed_mode")
+        self.pos_embed_grid, self.pos_embed_mode = pos_embed_grid, pos_embed_mode
         self.name = name
         self.dim = dim
         self.context_domains = list(context_domains)
@@ -152,18 +161,30 @@ class SpatialDecoder(nn.Module):
         h, w = layout.image_size
         return h // self.patch_size, w // self.patch_size
 
+    def _table(self, grid: tuple[int, int] | None, ref: torch.Tensor) -> torch.Tensor:
+        """The resized base-grid table (h * w, Dd) of a grid (``pos_embed_grid`` set)."""
+        if grid is None:
+            raise ValueError(f"decoder {self.name!r}: pos_embed_grid needs grid segments only")
+        return grid_pos_embed(grid, self.dim, base_grid=self.pos_embed_grid, mode=self.pos_embed_mode,
+                              device=ref.device).to(ref.dtype)
+
     def _embeddings(self, layout: TokenLayout, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Position + domain embeddings (N, Dd) of every context token and (N_q, Dd) of the queries."""
         key = (layout, ref.device, ref.dtype)
         pos = self._pos_cache.get(key)
         if pos is None:
-            context_pos = sincos_pos_embed_coords(layout.coords(device=ref.device), self.dim).to(ref.dtype)
+            if self.pos_embed_grid is None:
+                context_pos = sincos_pos_embed_coords(layout.coords(device=ref.device), self.dim).to(ref.dtype)
+            else:
+                context_pos = torch.cat([self._table(seg.grid, ref) for seg in layout.segments])
             if self.query_domain in layout:
                 query_pos = context_pos[layout[self.query_domain].slice]
-            else:
+            elif self.pos_embed_grid is None:
                 scale = self.patch_size / self.base_patch_size
                 coords = grid_coords(self.query_grid(layout), scale, device=ref.device)
                 query_pos = sincos_pos_embed_coords(coords, self.dim).to(ref.dtype)
+            else:
+                query_pos = self._table(self.query_grid(layout), ref)
             pos = self._pos_cache[key] = (context_pos, query_pos)
         context_pos, query_pos = pos
         context = torch.cat([context_pos[seg.slice] + self.domain_embeds[seg.domain][0].to(ref.dtype)

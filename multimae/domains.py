@@ -283,6 +283,12 @@ class Domain:
             (``s2_rgb_normpix`` reconstructs ``s2_rgb``; the MultiMAE objective normalises its target per
             patch).
         description: One line for summaries.
+        class_values: Categorical domains: stored codes of the classes, class id i = code at position
+            i. Empty (the default) takes the modality's table; a domain may give its own (the
+            reference's 12-class land cover). Resolved on construction, so it always holds the table
+            in use.
+        class_names: Names aligned with ``class_values`` (empty: the modality's).
+        class_colors: RGB hex colours aligned with ``class_values`` (empty: the modality's).
     """
 
     name: str
@@ -291,12 +297,35 @@ class Domain:
     label_downsample: int = 1
     source: str | None = None
     description: str = ""
+    class_values: tuple[int, ...] = ()
+    class_names: tuple[str, ...] = ()
+    class_colors: tuple[str, ...] = ()
     _modality: Modality = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         mod = get_modality(self.modality)
         object.__setattr__(self, "_modality", mod)
         band_indices(self.modality, self.bands)  # validates band names
+        self._resolve_classes(mod)
+
+    def _resolve_classes(self, mod: Modality) -> None:
+        own = (self.class_values, self.class_names, self.class_colors)
+        if not any(own):
+            for attr in ("class_values", "class_names", "class_colors"):
+                object.__setattr__(self, attr, getattr(mod, attr) if mod.kind == "categorical" else ())
+            return
+        if mod.kind != "categorical":
+            raise ValueError(f"domain {self.name!r}: only categorical domains take a class table")
+        if not (len(self.class_values) == len(self.class_names) == len(self.class_colors) > 0):
+            raise ValueError(
+                f"domain {self.name!r}: class_values, class_names and class_colors must have the same, non-zero "
+                f"length; got {len(self.class_values)}, {len(self.class_names)}, {len(self.class_colors)}"
+            )
+        if len(set(self.class_values)) != len(self.class_values):
+            raise ValueError(f"domain {self.name!r}: class_values lists a code twice: {self.class_values}")
+        top = (1 << int(mod.dtype[len("uint"):])) - 1 if mod.dtype.startswith("uint") else None
+        if any(not isinstance(v, int) or v < 0 or (top is not None and v > top) for v in self.class_values):
+            raise ValueError(f"domain {self.name!r}: class_values must be codes storable as {mod.dtype}")
 
     @property
     def kind(self) -> ModalityKind:
@@ -315,8 +344,8 @@ class Domain:
 
     @property
     def num_classes(self) -> int:
-        """Number of valid classes for categorical domains, 0 otherwise."""
-        return self._modality.num_classes if self.kind == "categorical" else 0
+        """Number of classes K (``class_values``) for categorical domains, 0 otherwise."""
+        return len(self.class_values) if self.kind == "categorical" else 0
 
     @property
     def is_output_only(self) -> bool:
@@ -358,6 +387,18 @@ DOMAINS: dict[str, Domain] = {
         Domain(
             "dynamic_world", "dynamic_world", ("label",), label_downsample=4,
             description="Dynamic World, 9 classes, majority-pooled to 1/4 resolution",
+        ),
+        # The reference's land cover (its domain_config.py / dataset remap): codes 10..100 -> 0..10 in
+        # this registry's order, no-data 255 -> class 11. Its weights (12-row class embedding, 12 logits)
+        # load into this domain. 255 stays a no-data value of the modality, so this project's data
+        # pipeline still masks those pixels (class 11 is never an input or a target); stored 0, which
+        # the reference merges into tree cover, is no-data too.
+        Domain(
+            "worldcover12", "esa_worldcover", ("Map",), label_downsample=4,
+            class_values=_WORLDCOVER_CODES + (255,), class_names=_WORLDCOVER_NAMES + ("no data (code 255)",),
+            class_colors=_WORLDCOVER_COLORS + ("#000000",),
+            description="ESA WorldCover in the MultiMAE-EO reference's 12 classes (11 + code 255 as class 11), "
+            "majority-pooled to 1/4 resolution",
         ),
     )
 }

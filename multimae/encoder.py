@@ -53,7 +53,9 @@ FFN_LAYERS: dict[str, Callable[[dict, int, int], Callable[..., nn.Module]]] = {
 
 #: Keys of :attr:`MultiModalEncoder.spec`, the architecture a checkpoint stores to rebuild the encoder.
 SPEC_KEYS = ("in_domains", "input_size", "patch_size", "patch_sizes", "dim", "depth", "num_heads", "mlp_ratio",
-             "num_global_tokens", "domain_embed", "class_embed_dim", "gsd", "ffn", "ffn_options")
+             "num_global_tokens", "domain_embed", "class_embed_dim", "gsd", "ffn", "ffn_options", "pos_embed_grid")
+#: Spec keys added after the first checkpoints were written, with the value those checkpoints imply.
+_SPEC_DEFAULTS = {"pos_embed_grid": None}
 
 
 def resolve_domain(name: str, key: str) -> Domain:
@@ -126,6 +128,9 @@ class MultiModalEncoder(nn.Module):
         gsd: Ground sample distance of the input pixels in metres (10 for MMEarth); recorded in the layout.
         ffn: Feed-forward kind of the blocks, a key of :data:`FFN_LAYERS`.
         ffn_options: Options of that feed-forward kind.
+        pos_embed_grid: None: sin-cos position embeddings of the patch centres. A grid (tokens per side): the
+            sin-cos table of that grid resized to each token grid (MultiMAE's convention, e.g. 28 for its 224 px
+            tables at patch 8; bicubic for image adapters, bilinear for class maps); needs one patch size.
         init_weights: Initialise the weights now (:meth:`init_weights`). An objective that builds further
             modules first passes False and calls :meth:`init_weights` itself, so the initialisation order
             of the whole model is fixed by the objective.
@@ -153,6 +158,7 @@ class MultiModalEncoder(nn.Module):
         gsd: float | None = 10.0,
         ffn: str = "mlp",
         ffn_options: dict | None = None,
+        pos_embed_grid: int | None = None,
         init_weights: bool = True,
     ) -> None:
         super().__init__()
@@ -190,6 +196,10 @@ class MultiModalEncoder(nn.Module):
         self.class_embed_dim = class_embed_dim
         self.gsd = gsd
         self.ffn, self.ffn_options = ffn, dict(ffn_options or {})
+        if pos_embed_grid is not None and (patch_sizes or pos_embed_grid < 1):
+            raise ValueError("model.pos_embed_grid (resized base-grid tables) needs a positive grid and one patch size "
+                             f"for every domain; got {pos_embed_grid} with model.patch_sizes {patch_sizes}")
+        self.pos_embed_grid = pos_embed_grid
         self._extra_patch_sizes = {d: p for d, p in patch_sizes.items() if d not in in_domains}
 
         self.input_adapters = nn.ModuleDict()
@@ -200,10 +210,12 @@ class MultiModalEncoder(nn.Module):
                 self.input_adapters[name] = CategoricalAdapter(
                     name, dom.num_classes, dim, patch_size=p, input_size=input_size,
                     label_downsample=dom.label_downsample, class_embed_dim=class_embed_dim, base_patch_size=patch_size,
+                    pos_embed_grid=pos_embed_grid,
                 )
             else:
                 self.input_adapters[name] = PatchAdapter(
-                    name, dom.num_channels, dim, patch_size=p, input_size=input_size, base_patch_size=patch_size
+                    name, dom.num_channels, dim, patch_size=p, input_size=input_size, base_patch_size=patch_size,
+                    pos_embed_grid=pos_embed_grid,
                 )
         self.domain_embeds = (
             nn.ParameterDict([(d, nn.Parameter(torch.zeros(1, 1, dim))) for d in in_domains]) if domain_embed else None
@@ -229,7 +241,7 @@ class MultiModalEncoder(nn.Module):
             "dim": self.dim, "depth": self.depth, "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio,
             "num_global_tokens": self.num_global_tokens, "domain_embed": self.domain_embed,
             "class_embed_dim": self.class_embed_dim, "gsd": self.gsd, "ffn": self.ffn,
-            "ffn_options": dict(self.ffn_options),
+            "ffn_options": dict(self.ffn_options), "pos_embed_grid": self.pos_embed_grid,
         }
 
     @classmethod
@@ -243,6 +255,7 @@ class MultiModalEncoder(nn.Module):
         Raises:
             ValueError: the spec lacks a key (it names the key) or holds an invalid value.
         """
+        spec = {**_SPEC_DEFAULTS, **spec}
         missing = [k for k in SPEC_KEYS if k not in spec]
         if missing:
             raise ValueError(f"encoder spec lacks {', '.join(missing)} (not an encoder of this code base?)")

@@ -70,3 +70,28 @@ def test_default_config_domains_resolve():
     cfg = yaml.safe_load((REPO / "cfgs" / "defaults.yaml").read_text())
     for name in cfg["in_domains"] + cfg["multimae"]["out_domains"] + cfg["multimae"]["loss"]["norm_pix"]:
         get_domain(name)
+
+
+def test_domain_class_tables_default_to_the_modality_and_worldcover12_is_the_reference_table():
+    wc = MODALITIES["esa_worldcover"]
+    assert get_domain("worldcover").class_values == wc.class_values and get_domain("worldcover").num_classes == 11
+    assert get_domain("s2_rgb").class_values == () and get_domain("s2_rgb").num_classes == 0
+    ref = get_domain("worldcover12")
+    # The reference's remap: codes 10, 20, ..., 100 -> 0..10 (this registry's order), 255 -> 11.
+    assert ref.class_values == (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100, 255)
+    assert ref.num_classes == 12 and ref.class_names[:11] == wc.class_names and len(ref.class_colors) == 12
+    assert ref.label_downsample == 4 and ref.modality == "esa_worldcover"
+
+
+def test_domain_class_table_errors():
+    with pytest.raises(ValueError, match="only categorical domains take a class table"):
+        Domain("bad", "aster", ("elevation",), "l1", class_values=(1,), class_names=("a",), class_colors=("#000000",))
+    with pytest.raises(ValueError, match="must have the same, non-zero length; got 2, 1, 2"):
+        Domain("bad", "esa_worldcover", ("Map",), "ce", class_values=(10, 20), class_names=("a",),
+               class_colors=("#000000", "#ffffff"))
+    with pytest.raises(ValueError, match="codes storable as uint8"):
+        Domain("bad", "esa_worldcover", ("Map",), "ce", class_values=(10, 256), class_names=("a", "b"),
+               class_colors=("#000000", "#ffffff"))
+    with pytest.raises(ValueError, match="lists a code twice"):
+        Domain("bad", "esa_worldcover", ("Map",), "ce", class_values=(10, 10), class_names=("a", "b"),
+               class_colors=("#000000", "#ffffff"))

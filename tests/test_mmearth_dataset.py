@@ -362,3 +362,14 @@ def test_image_level_domains(mmearth_fileset, monkeypatch):
     assert s["inputs"]["latitude"].shape == (2,) and s["valid"]["latitude"].shape == ()
     np.testing.assert_allclose(s["inputs"]["latitude"].numpy(), (lat - st["mean"]) / st["std"], rtol=1e-5)
     assert s["inputs"]["biome"].item() == int(np.argmax(biome)) and s["valid"]["biome"].item()
+
+
+def test_a_domain_class_table_keeps_modality_nodata_out(mmearth_fileset):
+    # worldcover12 (the reference's table) lists code 255 as class 11; 255 is WorldCover no-data, so it stays
+    # IGNORE_INDEX and the same pixels carry the same class ids as the 11-class domain.
+    ds11 = MMEarthDataset(mmearth_fileset, ["worldcover"], "train")
+    ds12 = MMEarthDataset(mmearth_fileset, ["worldcover12"], "train")
+    a = torch.stack([ds11[i]["inputs"]["worldcover"] for i in range(len(ds11))])
+    b = torch.stack([ds12[i]["inputs"]["worldcover12"] for i in range(len(ds12))])
+    assert torch.equal(a, b) and (a == IGNORE_INDEX).any() and not (b == 11).any()
+    assert ds12.domain_info()["worldcover12"]["class_names"][11] == "no data (code 255)"

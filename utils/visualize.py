@@ -32,7 +32,7 @@ from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from multimae.criterion import norm_pix_target  # noqa: E402
-from multimae.domains import IGNORE_INDEX, get_domain, get_modality  # noqa: E402
+from multimae.domains import IGNORE_INDEX, get_domain  # noqa: E402
 
 __all__ = ["save_pictures", "save_reconstructions"]
 
@@ -87,13 +87,12 @@ def _domain_panels(name: str, inp: torch.Tensor, pred: torch.Tensor, valid: torc
     masked = _token_mask_image(mask, size)
     mask_img = np.repeat(masked[..., None].astype(float), 3, axis=2)
     if dom.kind == "categorical":
-        mod = get_modality(dom.modality)
         target = torch.where(valid, inp, IGNORE_INDEX).numpy()
         pred_cls = F.interpolate(pred[None].float(), size=(size, size), mode="nearest")[0].argmax(0).numpy()
-        tgt_rgb, pred_rgb = _class_rgb(target, mod.class_colors), _class_rgb(pred_cls, mod.class_colors)
+        tgt_rgb, pred_rgb = _class_rgb(target, dom.class_colors), _class_rgb(pred_cls, dom.class_colors)
         pred_rgb = np.where(masked[..., None], pred_rgb, tgt_rgb)
         present = sorted(set(np.unique(target[target >= 0]).tolist()) | set(np.unique(pred_cls).tolist()))
-        legend = {mod.class_names[i]: mod.class_colors[i] for i in present}
+        legend = {dom.class_names[i]: dom.class_colors[i] for i in present}
         return [_grey_out(tgt_rgb, masked), mask_img, pred_rgb, tgt_rgb], legend
     target = inp.float()
     if norm_pix:

@@ -116,7 +116,7 @@ class MultiMAEObjective(Objective):
                 out_channels=dom.num_classes if categorical else dom.num_channels,
                 out_patch_size=p // dom.label_downsample if categorical else p, patch_size=p,
                 base_patch_size=encoder.patch_size, dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads,
-                mlp_ratio=encoder.mlp_ratio, xattn_residual=xattn_residual,
+                mlp_ratio=encoder.mlp_ratio, xattn_residual=xattn_residual, pos_embed_grid=encoder.pos_embed_grid,
             )
         self.criterion = MultiMAECriterion(out_domains, patch_size=patch_sizes, losses=losses, norm_pix=norm_pix,
                                            weighting=weighting, loss_on_unmasked=loss_on_unmasked)

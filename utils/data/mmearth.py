@@ -213,7 +213,8 @@ class MMEarthDataset(Dataset):
                 if bits > 16:
                     raise ValueError(f"modality {mod.name!r}: categorical dtype {mod.dtype} wider than 16 bits")
                 plan.lut = np.full(1 << bits, IGNORE_INDEX, dtype=np.int64)
-                plan.lut[np.asarray(mod.class_values)] = np.arange(len(mod.class_values))
+                plan.lut[np.asarray(d.class_values)] = np.arange(len(d.class_values))  # the domain's class table
+                plan.lut[np.asarray([int(v) for v in mod.nodata], dtype=np.int64)] = IGNORE_INDEX  # never a class
             plans.append(plan)
         stats = load_band_stats(self.files.band_stats, needed, used)
         self._stats = stats
@@ -272,8 +273,10 @@ class MMEarthDataset(Dataset):
                 "source": d.source, "normalization": norm,
                 "stats": {k: {"mean": self._stats[k]["mean"][plan.idx].tolist(),
                               "std": self._stats[k]["std"][plan.idx].tolist()} for k in plan.stats_keys},
-                "class_names": list(mod.class_names) if mod.kind != "continuous" else [],
-                "class_values": list(mod.class_values) if mod.kind != "continuous" else [],
+                "class_names": list(d.class_names if d.kind == "categorical" else mod.class_names)
+                if mod.kind != "continuous" else [],
+                "class_values": list(d.class_values if d.kind == "categorical" else mod.class_values)
+                if mod.kind != "continuous" else [],
                 "nodata": [str(v) for v in mod.nodata],
             }
         return info

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import h5py
 from torch.utils.data import Dataset
 
-from multimae.domains import get_domain, get_modality
+from multimae.domains import get_domain
 from utils.data.mmearth import MMEarthDataset
 from utils.data.mmearth_files import resolve_fileset
 
@@ -57,7 +57,7 @@ class MMEarthSegDataset(Dataset):
                     )
         self.in_domains, self.target = list(in_domains), target
         self.num_classes = dom.num_classes
-        self.class_names = list(get_modality(dom.modality).class_names)
+        self.class_names = list(dom.class_names)
         self.base = MMEarthDataset(data_path, [*in_domains, target], split, **kwargs)
 
     def __len__(self) -> int:
