@@ -235,7 +235,9 @@ class CategoricalAdapter(_GridAdapter):
             )
         grid = self._check_size(labels.shape[1], labels.shape[2])
         labels = labels.long()
-        if bool(((labels < IGNORE_INDEX) | (labels >= self.num_classes)).any()):
+        # A data-dependent check cannot be part of a traced or exported graph (ONNX); it runs in eager mode.
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if not tracing and bool(((labels < IGNORE_INDEX) | (labels >= self.num_classes)).any()):
             raise ValueError(
                 f"domain {self.name!r}: class ids must lie in 0..{self.num_classes - 1} or be {IGNORE_INDEX} (no-data)"
             )

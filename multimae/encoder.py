@@ -311,7 +311,7 @@ class MultiModalEncoder(nn.Module):
         return self.patch_sizes.get(domain, self._extra_patch_sizes.get(domain, self.patch_size))
 
     def _check_inputs(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None) -> None:
-        shapes = {}
+        shapes, first = {}, None
         for name in self.in_domains:
             if name not in inputs:
                 raise ValueError(f"batch has no input domain {name!r} (in_domains: {self.in_domains})")
@@ -319,13 +319,15 @@ class MultiModalEncoder(nn.Module):
             if DOMAINS[name].kind == "continuous" and not x.is_floating_point():
                 raise ValueError(f"domain {name!r}: expected a float tensor (B, C, H, W), got {x.dtype}")
             shapes[name] = tuple(x.shape[-2:]) + (x.shape[0],)
+            first = shapes[name] if first is None else first
             if valid is not None and name in valid:
                 expected = (x.shape[0], *x.shape[-2:])
                 if tuple(valid[name].shape) != expected or valid[name].dtype != torch.bool:
                     raise ValueError(
                         f"valid[{name!r}] must be bool {expected}, got {valid[name].dtype} {tuple(valid[name].shape)}"
                     )
-        if len(set(shapes.values())) > 1:
+        # Compared one by one, not through a set: traced shapes hash by identity (ONNX export).
+        if any(shape != first for shape in shapes.values()):
             raise ValueError(f"input domains differ in batch size or image size (H, W, B): {shapes}")
 
     def tokenize(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> Tokens:
