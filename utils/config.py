@@ -45,7 +45,8 @@ __all__ = [
     "migrate_config",
 ]
 
-DEFAULTS_PATH = Path(__file__).resolve().parents[1] / "cfgs" / "defaults.yaml"
+_HERE = Path(__file__).resolve().parent  # an installed package has its copy in utils/cfgs/ (see pyproject.toml)
+DEFAULTS_PATH = (_HERE if (_HERE / "cfgs" / "defaults.yaml").is_file() else _HERE.parent) / "cfgs" / "defaults.yaml"
 
 #: Keys whose value may take any of several types (dotted key -> accepted types).
 UNION_KEYS: dict[str, tuple[type, ...]] = {
