@@ -41,17 +41,7 @@ from torch.utils.data import default_collate  # noqa: E402
 
 from multimae.build import build_pretraining, random_inputs, resolve_preset  # noqa: E402
 from utils.config import load_config  # noqa: E402
-
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def count_flops(fn) -> float:
-    """FLOPs of one call of ``fn`` (forward + backward), from torch's flop counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
+from utils.throughput import count_flops, peak_tflops  # noqa: E402
 
 
 def random_batch(cfg: dict, objective, batch_size: int, device: torch.device) -> dict:
@@ -166,8 +156,7 @@ def main() -> None:
     print(f"ratio: {step_s / base_s:.3f}")
     print(f"step_cpu_s: {cpu_s:.4f}  baseline_step_cpu_s: {base_cpu_s:.4f}  cpu_ratio: {cpu_s / base_cpu_s:.3f}")
     if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for key, v in BF16_PEAK_TFLOPS.items() if key in name), None)
+        peak = peak_tflops(device)
         flops = count_flops(fwd_bwd_objective)
         base_flops = count_flops(fwd_bwd_baseline)
         print(f"samples_per_s: {args.batch_size / step_s:.1f}")

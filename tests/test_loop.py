@@ -115,3 +115,54 @@ def test_finetuning_logs_per_step_and_resumes_mid_epoch_on_the_same_trajectory(m
     assert sorted(a) == sorted(b) == list(range(1, 9))  # 4 steps per epoch, one record per step
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+class _SignalledTask(_ToyTask):
+    """Sends itself ``signum`` during optimizer step ``at`` (1-based), as SLURM or torchrun would."""
+
+    def __init__(self, cfg, at, signum):
+        super().__init__(cfg)
+        self.at, self.signum = at, signum
+
+    def step(self, batch):
+        if self.loop.progress.step + 1 == self.at:
+            import os
+
+            os.kill(os.getpid(), self.signum)
+        return super().step(batch)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_finishes_the_step_writes_the_checkpoint_and_resumes_on_the_trajectory(tmp_path, signame):
+    import signal
+
+    from utils.loop import PREEMPTED_EXIT_CODE, Preempted
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    for out in (full, cut):
+        out.mkdir()
+    cfg_full, cfg_cut = _toy_cfg(full, "save_every_steps=100"), _toy_cfg(cut, "save_every_steps=100")
+    loop = TrainLoop(cfg_full, INFO, _ToyTask(cfg_full), full)
+    log = loop.logger()
+    loop.run(log)
+    log.close()
+    previous = signal.getsignal(getattr(signal, signame))
+    loop = TrainLoop(cfg_cut, INFO, _SignalledTask(cfg_cut, at=3, signum=getattr(signal, signame)), cut)
+    log = loop.logger()
+    with pytest.raises(Preempted) as stopped:
+        loop.run(log)
+    log.close()
+    assert stopped.value.code == PREEMPTED_EXIT_CODE == 75 and f"stopped by {signame} at step 3" in stopped.value.message
+    assert signal.getsignal(getattr(signal, signame)) == previous  # handlers restored
+    assert load_checkpoint(cut / "checkpoint-last.pth")["step"] == 3
+    loop = TrainLoop(cfg_cut, INFO, _ToyTask(cfg_cut), cut)  # the same command again
+    log = loop.logger()
+    loop.run(log)
+    log.close()
+
+    def losses(out):
+        return {r["step"]: r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r}
+
+    assert losses(cut) == losses(full) and sorted(losses(full)) == [1, 3, 6]
+    record = read_log(full / "log.jsonl")[0]
+    assert 0.0 <= record["data_wait_fraction"] <= 1.0 and record["peak_mem_mb"] > 10

@@ -162,3 +162,31 @@ def test_no_decay_groups_of_the_real_model(mmearth_fileset):
     assert not any("mask_token" in n or "domain_embeds" in n for n in decayed)
     assert any(n.startswith("encoder.blocks.0.") for n in decayed)
     assert len(exempt) + len(decayed) == len(list(model.parameters()))
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_checkpoints_exits_75_and_the_rerun_matches_uninterrupted(mmearth_fileset, tmp_path):
+    import signal
+    import time
+
+    def command(out):
+        return [sys.executable, str(REPO / "run_pretraining.py"), f"data_path={mmearth_fileset}", f"output_dir={out}",
+                *TINY, "num_workers=2", "epochs=4", "save_every_steps=100"]
+
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    subprocess.run(command(full), check=True, env=_spawn_env(), cwd=REPO, timeout=300, capture_output=True)
+    proc = subprocess.Popen(command(stopped), env=_spawn_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and max(losses(stopped), default=0) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what SLURM / torchrun send before stopping a job
+    printed, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, printed
+    assert "stopped by SIGTERM" in printed
+    assert 3 <= load_checkpoint(stopped / "checkpoint-last.pth")["step"] < 8
+    subprocess.run(command(stopped), check=True, env=_spawn_env(), cwd=REPO, timeout=300, capture_output=True)
+    a, b = losses(full), losses(stopped)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step

@@ -15,11 +15,19 @@ both, with the run-wide config keys meaning the same in both:
   ``keep_every_epochs`` epochs and at the last epoch;
 - exact resume: model and task state, optimizer, scaler, step / epoch / position in the epoch, the sampler and
   the RNG states of every rank (a checkpoint of another world size resumes with a warning: the trajectory
-  then differs).
+  then differs);
+- pre-emption: SIGTERM or SIGUSR1 (what SLURM sends before it stops a job) makes every rank finish its step,
+  write ``checkpoint-last.pth`` and exit with status :data:`PREEMPTED_EXIT_CODE` (75, ``EX_TEMPFAIL``): running
+  the same command again resumes on the same trajectory;
+- throughput facts in every step record: ``data_wait_fraction`` (share of the wall time since the last record
+  spent waiting for the loader), ``samples_per_s``, ``peak_mem_mb`` (max allocated on GPU, peak RSS on CPU) and,
+  on a known GPU, ``mfu`` (FLOPs of one step counted once with torch's flop counter).
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +37,54 @@ from torch.utils.data import DataLoader
 
 from utils import checkpoint as ckpt
 from utils.config import effective_lr, total_batch_size
-from utils.dist import DistInfo, all_gather_object
-from utils.engine import Engine
+from utils.dist import DistInfo, all_gather_object, all_reduce_mean
+from utils.engine import Engine, autocast
 from utils.logger import RunLogger, truncate_log
 from utils.optim import cosine_lr, set_lr
+from utils.throughput import count_flops, peak_memory_mb, peak_tflops
 
-__all__ = ["Progress", "LoopTask", "TrainLoop", "schedule"]
+__all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "Progress", "LoopTask", "TrainLoop", "schedule"]
+
+#: Exit status of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint (sysexits EX_TEMPFAIL: retry).
+PREEMPTED_EXIT_CODE = 75
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(SystemExit):
+    """The run was asked to stop by a signal; ``checkpoint-last.pth`` holds the step it stopped at.
+
+    A ``SystemExit`` with code :data:`PREEMPTED_EXIT_CODE`, so the command exits with it without a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+
+class _StopRequest:
+    """Handlers of SIGTERM and SIGUSR1 that only record the request (installed in the main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in _STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, world_size: int) -> bool:
+        """True when any rank got a stop signal (one all-reduce of a scalar with several ranks)."""
+        local = torch.tensor([1.0 if self.signum is not None else 0.0])
+        return bool(all_reduce_mean(local).item() > 0) if world_size > 1 else local.item() > 0
 
 
 @dataclass
@@ -139,6 +189,7 @@ class TrainLoop:
         self.total_steps, self.warmup_steps, self.warning = schedule(cfg, self.steps_per_epoch)
         self.lr = effective_lr(cfg, info.world_size)
         self.progress = Progress()
+        self.flops_per_step: float | None = None
         task.loop = self
 
     # ------------------------------------------------------------------ checkpoints
@@ -210,9 +261,34 @@ class TrainLoop:
             return {}
         log.write(f"{self.task.describe()}; {self.steps_per_epoch} steps/epoch, lr {self.lr:.3g}, world size "
                   f"{self.info.world_size}, device {self.info.device}, precision {self.task.engine.precision}")
-        last = self._train(log)
+        with _StopRequest() as stop:
+            last = self._train(log, stop)
         self.task.finish(log)
         return last
+
+    def _count_flops(self, micro: list[dict]) -> None:
+        """FLOPs of one step (forward + backward of every micro-batch), on CUDA only; RNG and gradients untouched."""
+        engine = self.task.engine
+        if engine.device.type != "cuda" or peak_tflops(engine.device) is None:
+            return
+        with torch.random.fork_rng(devices=[engine.device]):
+            def step():
+                for batch in micro:
+                    with autocast(engine.device, engine.precision):
+                        loss = self.task.step(engine.to_device(batch))["loss"]
+                    loss.float().backward()
+            self.flops_per_step = count_flops(step) * self.info.world_size
+        engine.optimizer.zero_grad(set_to_none=True)
+
+    def _preempt(self, stop: _StopRequest, log: RunLogger) -> None:
+        p = self.progress
+        if p.step % self.cfg["save_every_steps"] != 0:
+            self.save("checkpoint-last.pth")
+        name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal on another rank"
+        message = (f"stopped by {name} at step {p.step}: {self.out / 'checkpoint-last.pth'} written; run the same "
+                   f"command to resume (exit status {PREEMPTED_EXIT_CODE})")
+        log.write(message)
+        raise Preempted(message)
 
     def _start_epoch(self):
         p, cfg, task = self.progress, self.cfg, self.task
@@ -222,14 +298,19 @@ class TrainLoop:
         task.train_gen.manual_seed(cfg["seed"] * 100_003 + p.epoch * 1_009 + self.info.rank)
         return iter(task.train_loader)
 
-    def _train(self, log: RunLogger) -> dict:
+    def _train(self, log: RunLogger, stop: _StopRequest) -> dict:
         cfg, p, engine = self.cfg, self.progress, self.task.engine
         samples_per_step = total_batch_size(cfg, self.info.world_size)
-        last, t0, n0 = {}, time.perf_counter(), p.step
+        peak = peak_tflops(engine.device)
+        last, t0, n0, waited = {}, time.perf_counter(), p.step, 0.0
         while not self.finished():
             batches, t_epoch, losses = self._start_epoch(), time.perf_counter(), []
             while p.epoch_step < self.steps_per_epoch and not self.finished():
+                t_wait = time.perf_counter()
                 micro = [next(batches) for _ in range(cfg["accum_steps"])]
+                waited += time.perf_counter() - t_wait
+                if self.flops_per_step is None and peak is not None:
+                    self._count_flops(micro)
                 lr = cosine_lr(p.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                                base_lr=self.lr, min_lr=cfg["optim"]["min_lr"])
                 set_lr(engine.optimizer, lr)
@@ -239,15 +320,23 @@ class TrainLoop:
                     self.task.after_step(p.step, self.total_steps)
                     losses.append(out.values["loss"])
                 if p.step % cfg["log_every_steps"] == 0 or p.step == 1:
-                    rate = (p.step - n0) * samples_per_step / max(time.perf_counter() - t0, 1e-9)
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    rate = (p.step - n0) * samples_per_step / elapsed
                     last = {"step": p.step, "epoch": round(p.epoch + p.epoch_step / self.steps_per_epoch, 4),
                             **out.values, "lr": lr, "grad_norm": out.grad_norm, "samples_per_s": rate,
-                            "skipped_steps": engine.nonfinite_total}
+                            "skipped_steps": engine.nonfinite_total, "data_wait_fraction": round(waited / elapsed, 4),
+                            "peak_mem_mb": round(peak_memory_mb(engine.device), 1)}
+                    if self.flops_per_step is not None and peak is not None:
+                        steps_per_s = (p.step - n0) / elapsed
+                        last["mfu"] = self.flops_per_step * steps_per_s / (peak * 1e12 * self.info.world_size)
                     log.log(last)
                     log.advance(p.step, {"loss": out.values["loss"], "lr": lr, "samples/s": rate})
-                    t0, n0 = time.perf_counter(), p.step
+                    t0, n0, waited = time.perf_counter(), p.step, 0.0
                 if p.step % cfg["save_every_steps"] == 0:
                     self.save("checkpoint-last.pth")
+                if stop.agreed(self.info.world_size):
+                    del batches
+                    self._preempt(stop, log)
             del batches  # shut the workers down before evaluation starts its own
             if p.epoch_step == self.steps_per_epoch:
                 self._end_epoch(log, losses, time.perf_counter() - t_epoch)
