@@ -220,6 +220,15 @@ def test_missing_scene_and_cli_error(tiny, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: sources.S1: scene(s) ['b'] missing")
 
 
+def test_scene_name_that_cannot_be_a_tile_id(tiny, tmp_path):
+    src, spec = tiny
+    for folder in ("S2", "S1"):
+        (src / folder / "b.tif").rename(src / folder / "São_Paulo.tif")
+    with pytest.raises(ConversionError, match=r"scene 'São_Paulo' \(.*S1/São_Paulo\.tif, .*S2/São_Paulo\.tif\) gives tile ids such "
+                                              r"as 'São_Paulo_l1c_r1_c1', which MMEarth's metadata"):
+        convert(spec, src, tmp_path / "out", progress=False)
+
+
 def test_band_descriptions_contradicting_spec(tiny, tmp_path):
     src, spec = tiny
     _tif(src / "S2" / "a.tif", np.ones((3, 128, 128), np.uint16), descriptions=["B04", "B8A", "B08"])

@@ -235,6 +235,12 @@ def _plan(spec: ConversionSpec, refs: list[SceneRef], size: int, window) -> list
             print(f"warning: scene {ref.name} ({scene.height} x {scene.width} px): {what} is smaller than one "
                   f"{size}-px tile; skipped", file=sys.stderr)
             continue
+        longest = f"{ref.name}_l1c_r{box[2] // size - 1}_c{box[3] // size - 1}"
+        if not longest.isascii() or len(longest) > 100:
+            where = ", ".join(str(e.path) for e in ref.entries.values())
+            raise ConversionError(f"scene {ref.name!r} ({where}) gives tile ids such as {longest!r}, which MMEarth's "
+                                  f"metadata (tile_id: ASCII, at most 100 bytes) cannot hold; rename the files or "
+                                  f"folders, or name scenes by other fields (scenes.match)")
         plan.append((ref, box, box[2] // size, box[3] // size))
     if not plan:
         raise ConversionError(f"no scene holds a single {size} x {size} tile"
@@ -404,8 +410,8 @@ def convert(
     except FileExistsError as err:
         raise ConversionError(str(err)) from None
     for path in leftovers:
-        print(f"warning: {path} was left by an interrupted conversion (an .old-* folder may hold the previous "
-              f"file set); delete it when done", file=sys.stderr)
+        print(f"warning: {path} was left by an interrupted conversion, or belongs to one still running (an "
+              f".old-* folder may hold a previous file set); delete it when no conversion runs", file=sys.stderr)
     plan = _plan(spec, find_scenes(spec, src), tile_size, window)
     variants = max(1, len(spec.s2_sources))
     num_tiles = sum(r * c for _, _, r, c in plan) * variants

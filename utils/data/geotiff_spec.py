@@ -664,6 +664,12 @@ def find_scenes(spec: ConversionSpec, src) -> list[SceneRef]:
                 raise ConversionError(f"scene {base!r}, date rank {k}: dates span {_days(dates[0], dates[-1])} days "
                                       f"> scenes.max_days {spec.max_days:g}: {listing}")
             scenes.append(SceneRef(f"{base}_t{k}", pair))
+    seen: dict[str, SceneRef] = {}
+    for ref in scenes:
+        other = seen.setdefault(ref.name, ref)
+        if other is not ref:
+            raise ConversionError(f"two scenes are both named {ref.name!r} ({other.entries} and {ref.entries}); "
+                                  f"the fields of scenes.match {list(spec.match)} must tell them apart")
     return sorted(scenes, key=lambda r: r.name)
 
 
@@ -723,6 +729,9 @@ class Scene:
             Per entry of ``bands``: ``(x, nodata, label)`` with ``x`` (h, w) float64 raw values (NaN
             where a warped read found no source pixel), the raw no-data value to mask (or None) and
             ``label`` ("<file> band <i>") for messages; ``None`` for a skipped band.
+
+        Raises:
+            ConversionError: a raster cannot be read (names the file).
         """
         bands = self._bands[source]
         out: list = [None] * len(bands)
@@ -732,7 +741,11 @@ class Scene:
                 by_ds.setdefault(id(b.ds), []).append(i)
         for members in by_ds.values():
             ds = bands[members[0]].ds
-            data = ds.read([bands[i].index for i in members], window=window).astype(np.float64)
+            try:
+                data = ds.read([bands[i].index for i in members], window=window).astype(np.float64)
+            except rasterio.errors.RasterioError as err:
+                raise ConversionError(f"{bands[members[0]].path}: cannot read rows {window.row_off}.."
+                                      f"{window.row_off + window.height - 1} ({err}) [spec sources.{source}]") from None
             for row, i in zip(data, members):
                 b = bands[i]
                 out[i] = (row, b.nodata, f"{b.path} band {b.index}")
