@@ -224,7 +224,8 @@ def test_scene_name_that_cannot_be_a_tile_id(tiny, tmp_path):
     src, spec = tiny
     for folder in ("S2", "S1"):
         (src / folder / "b.tif").rename(src / folder / "São_Paulo.tif")
-    with pytest.raises(ConversionError, match=r"scene 'São_Paulo' \(.*S1/São_Paulo\.tif, .*S2/São_Paulo\.tif\) gives tile ids such "
+    with pytest.raises(ConversionError, match=r"scene 'São_Paulo' \(.*S1/São_Paulo\.tif, .*S2/São_Paulo\.tif\) "
+                                              r"gives tile ids such "
                                               r"as 'São_Paulo_l1c_r1_c1', which MMEarth's metadata"):
         convert(spec, src, tmp_path / "out", progress=False)
 

@@ -87,7 +87,8 @@ def test_split_empty_by_scene_names_split_and_option(tmp_path, capsys):
                           "splits with a positive fraction in --splits (train, val, test); use --split-by location")
     assert not (tmp_path / "out").exists()
     # the same scene split by location fills every split
-    assert main(_args(spec, src, tmp_path / "out", "--split-by", "location", "--splits", "train=0.5,val=0.25,test=0.25")) == 0
+    splits = "train=0.5,val=0.25,test=0.25"
+    assert main(_args(spec, src, tmp_path / "out", "--split-by", "location", "--splits", splits)) == 0
 
 
 def test_split_empty_after_dropping_no_data_tiles(tmp_path):
@@ -165,7 +166,9 @@ def test_failure_leaves_the_previous_file_set_intact(tmp_path, monkeypatch, wher
         monkeypatch.setattr(mmearth_writer.MMEarthWriter, "write", write)
         error = KeyboardInterrupt
     elif where == "close":
-        monkeypatch.setattr(mmearth_writer.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+        def dumps(*a, **k):  # a side file cannot be written
+            raise OSError(errno.EIO, "Input/output error")
+        monkeypatch.setattr(mmearth_writer.json, "dumps", dumps)
         error = OSError
     else:
         real_rename = os.rename

@@ -5,6 +5,7 @@ and the spec errors of this layout. Small synthetic GeoTIFFs, laid out like Majo
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import h5py
@@ -18,7 +19,7 @@ from tests.converter_checks import (
     S2_ORDER, check_band_stats, check_layout, check_splits, check_tile_info, numpy_bilinear, reference_band, side,
 )
 from tools.geotiff_to_mmearth import convert
-from utils.data.geotiff_spec import ConversionError
+from utils.data.geotiff_spec import ConversionError, PathPattern
 
 X0, Y0 = 500_000.0, 6_000_000.0  # origin of the 10 m grid
 PRODUCTS = {  # cell -> product folder (date, processing baseline)
@@ -238,7 +239,8 @@ def _break(src: Path, what: str) -> None:
 
 
 @pytest.mark.parametrize("what, match", [
-    ("missing band file", r"c2/S2B_MSIL2A_\S+: no file for band 'B05' \(spec .*sources\.S2\.band_files '\{band\}\.tif'; "
+    ("missing band file", r"c2/S2B_MSIL2A_\S+: no file for band 'B05' \(spec .*sources\.S2\.band_files "
+                          r"'\{band\}\.tif'; "
                           r"files matching it: \['B08\.tif', 'B1\.tif', 'B2\.tif', 'B8a\.tif', 'b04\.tif', "
                           r"'cloud_mask\.tif'\]\)"),
     ("two-band file", r"B2\.tif: has 2 bands; band_files of spec .* sources\.S2 must be single-band rasters"),
@@ -263,7 +265,8 @@ def test_bad_rasters(perband, tmp_path, what, match):
     ({"S2": {**S2, "bands": ["B02", "B2"]}}, r"sources\.S2\.bands: a band is listed twice"),
     ({"S2": {**S2, "bands": ["B02", "B13"]}}, r"sources\.S2\.bands: unknown band 'B13'"),
     ({"S2": {**S2, "offset_rules": [{"field": "baseline_x", "min": 400, "offset": -1000}]}},
-     r"offset_rules\[0\]\.field: 'baseline_x' is not a field of this source; its fields: \['cell', 'date', 'baseline'\]"),
+     r"offset_rules\[0\]\.field: 'baseline_x' is not a field of this source; its fields: "
+     r"\['cell', 'date', 'baseline'\]"),
     ({"S2": {**S2, "offset_rules": [{"field": "baseline", "offset": -1000}]}}, r"offset_rules\[0\]: needs a condition"),
     ({"LC": {**LC, "resampling": "bilinear"}}, r"sources\.LC\.resampling: dynamic_world holds class codes or flags: "
                                                r"use nearest or mode"),
@@ -280,7 +283,7 @@ def test_bad_spec(perband, tmp_path, change, match):
 
 def test_offset_rule_on_a_non_numeric_field(perband, tmp_path):
     src, _ = perband
-    s2 = {**S2, "path": "{cell}/S2?_MSIL2A_{date}T*_{baseline}_*",
+    s2 = {**S2, "path": "{cell}/S2?_MSIL2A_{date}T{time}_{baseline}_R*",
           "offset_rules": [{"field": "baseline", "min": 400, "offset": -1000}]}
     spec = _write_spec(tmp_path, {"S2": s2, "LC": LC}, scenes={"match": ["cell"]})
     with pytest.raises(ConversionError, match=r"field 'baseline' = 'N0400' is not a number, but an offset rule"):
@@ -310,3 +313,38 @@ def test_lone_folder_of_band_files(tmp_path):
         with rasterio.open(src / "s2_B03.jp2") as ds:
             np.testing.assert_array_equal(f["sentinel2"][row, 2], ds.read(1)[64:128, 64:128])
         assert np.isnan(f["month"][:]).all()  # no date anywhere: month is no-data
+
+
+def test_pattern_wildcards_and_fields():
+    band = PathPattern.compile("*_{band}.tif", "test")
+    assert band.parts[0].fullmatch("S2A_MSIL2A_20170613T101031_87_48_B8A.tif").group("band") == "B8A"
+    product = PathPattern.compile(r"S2?_MSIL2A_{date}T*_N{baseline:\d{4}}_*", "test")
+    m = product.parts[0].fullmatch("S2A_MSIL2A_20220706T085611_N0400_R007_T33NZA_20220706T153419")
+    assert m.groupdict() == {"date": "20220706", "baseline": "0400"}
+    assert product.parts[0].fullmatch("S2A_MSIL1C_20220706T085611_N0400_R007_T33NZA_20220706T153419") is None
+
+
+def test_bigearthnet_patches(shared_data_dir, tmp_path):
+    """Real BigEarthNet-S2 patches: one folder per patch, files <patch>_B01.tif ... at 10 / 20 / 60 m."""
+    archive = shared_data_dir / "bigearthnet_examples" / "BigEarthNet-S2-Example.tar.bz2"
+    if not archive.is_file():
+        pytest.skip(f"{archive} absent")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "src", filter="data")
+    bands = [b for b in S2_ORDER if b != "B10"]
+    spec = _write_spec(tmp_path, {"S2": {"folder": "BigEarthNet-S2-Example", "modality": "sentinel2",
+                                         "s2_type": "l2a", "path": "{patch}", "band_files": "*_{band}.tif",
+                                         "bands": bands, "nodata": 0}})
+    out = tmp_path / "out" / "ben"
+    summary = convert(spec, tmp_path / "src", out, progress=False, split_by="tile")
+    assert summary["num_tiles"] == 6  # one 64 px tile of each 120 px patch
+    info = check_tile_info(out)
+    check_band_stats(out)
+    with h5py.File(out / "ben.h5") as f:
+        tile_id = f["metadata"][0][0].decode()
+        folder = tmp_path / "src" / info[tile_id]["sources"]["S2"]
+        with rasterio.open(next(folder.glob("*_B08.tif"))) as b08, rasterio.open(next(folder.glob("*_B8A.tif"))) as b8a:
+            np.testing.assert_array_equal(f["sentinel2"][0, S2_ORDER.index("B08")], b08.read(1)[:64, :64])
+            ref = reference_band(Path(b8a.name), b08.transform, b08.crs, (0, 0, 64), "bilinear")
+        assert np.abs(f["sentinel2"][0, S2_ORDER.index("B8A")] - np.rint(ref)).max() <= 1
+    assert sorted(info[tile_id]["RESAMPLED"]["S2"]) == ["B01", "B05", "B06", "B07", "B09", "B11", "B12", "B8A"]

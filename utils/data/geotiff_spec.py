@@ -46,7 +46,9 @@ VV}``).
 **Path patterns** (``path``, ``band_files``): ``/`` separates folder levels; ``*`` matches any
 characters and ``?`` one character within a level; ``{name}`` matches one or more characters and
 records them as the scene field ``name``, ``{name:REGEX}`` restricts it; ``{date}`` matches
-``YYYYMMDD`` or ``YYYY-MM-DD`` and is the acquisition date. ``path`` points at files for multi-band
+``YYYYMMDD`` or ``YYYY-MM-DD`` and is the acquisition date. ``*`` takes as much as it can and a
+field as little as it can (``*_{band}.tif`` gives ``B01`` for ``S2A_MSIL2A_..._B01.tif``, as BigEarthNet
+names its files). ``path`` points at files for multi-band
 sources and at folders for per-band sources. Without ``path``, a multi-band source holds
 ``<scene>.tif`` / ``.tiff`` files (field ``scene``) and a per-band source is itself the one scene
 folder (``folder: .`` for the ``--src`` folder).
@@ -188,7 +190,7 @@ class PathPattern:
 def _glob_to_regex(text: str, where: str, whole: str) -> str:
     if "{" in text or "}" in text:
         raise ConversionError(f"{where}: unbalanced or malformed {{field}} in {whole!r}")
-    return "".join("[^/]*?" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in text)
+    return "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in text)
 
 
 @dataclass(frozen=True)
