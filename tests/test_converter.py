@@ -1,8 +1,8 @@
 """Tests of tools/geotiff_to_mmearth.py: real TerraMesh pixels checked with plain h5py + rasterio, and bad input.
 
-The conformance checks below do not import converter code: dataset names, dtypes, shapes, band
-orders and the LULC mapping are restated here from ../shared/reference/data_formats.md
-(sections 1.2 and 4) and ../shared/data/README.md, and compared with the source GeoTIFF pixels.
+The conformance checks (:mod:`tests.converter_checks`) do not import converter code: dataset names,
+dtypes, shapes, band orders and the LULC mapping are restated from the MMEarth format and the TerraMesh
+sample's description, and compared with the source GeoTIFF pixels.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import rasterio
 import yaml
 from rasterio.transform import from_origin
 
+from tests.converter_checks import check_band_stats, check_layout, check_splits, check_tile_info
 from tools.geotiff_to_mmearth import convert, main
 from utils.data.geotiff_spec import ConversionError
 from utils.data.mmearth_writer import make_splits
@@ -24,16 +25,7 @@ from utils.data.mmearth_writer import make_splits
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "cfgs" / "data" / "terramesh_examples.yaml"
 
-# data_formats.md 1.2: name -> (dtype, channels, pixel-level)
-MMEARTH = {
-    "sentinel2": ("uint16", 13, True), "sentinel2_cloudmask": ("uint16", 1, True),
-    "sentinel2_cloudprod": ("uint16", 1, True), "sentinel2_scl": ("uint8", 1, True),
-    "sentinel1": ("float32", 8, True), "aster": ("int16", 2, True), "era5": ("float32", 12, False),
-    "dynamic_world": ("uint8", 1, True), "canopy_height_eth": ("int8", 2, True),
-    "esa_worldcover": ("uint8", 1, True), "lat": ("float32", 2, False), "lon": ("float32", 2, False),
-    "month": ("float32", 2, False), "biome": ("uint8", 14, False), "eco_region": ("uint16", 846, False),
-}
-# data_formats.md section 4: source band (0-based) of each MMEarth sentinel2 channel; None = absent (B10 in L2A).
+# MMEarth channel index maps: source band (0-based) of each MMEarth sentinel2 channel; None = absent (B10 in L2A).
 S2_FROM_L1C = [0, 1, 2, 3, 4, 5, 6, 8, 7, 9, 10, 11, 12]
 S2_FROM_L2A = [0, 1, 2, 3, 4, 5, 6, 8, 7, 9, None, 10, 11]
 # TerraMesh LULC id -> Dynamic World stored code (0 = no-data); rangeland (9) -> grass (3).
@@ -63,19 +55,8 @@ def _side(out: Path, key: str):
 def test_layout_dtypes_compression(terramesh):
     size, out, _ = terramesh
     n = 5 * (224 // size) ** 2 * 2
-    with h5py.File(out / f"{out.name}.h5", "r") as f:
-        assert set(f) == set(MMEARTH) | {"metadata"}
-        for name, (dtype, c, pixel) in MMEARTH.items():
-            ds = f[name]
-            shape = (n, c, size, size) if pixel else (n, c)
-            assert (ds.dtype, ds.shape, ds.chunks, ds.compression) == (np.dtype(dtype), shape, (1, *shape[1:]), "gzip")
-        assert f["metadata"].dtype == np.dtype([("tile_id", "S100"), ("S2_type", "S10")])
-        assert f["metadata"].chunks == (1,) and f["metadata"].compression == "gzip"
-        # modalities TerraMesh lacks hold their no-data value
-        assert (f["sentinel2_cloudmask"][:] == 65535).all() and (f["sentinel2_cloudprod"][:] == 65535).all()
-        assert (f["sentinel2_scl"][:] == 255).all() and (f["esa_worldcover"][:] == 255).all()
-        assert (f["canopy_height_eth"][:] == -128).all() and np.isnan(f["era5"][:]).all()
-        assert not f["biome"][:].any() and not f["eco_region"][:].any()
+    # modalities TerraMesh lacks hold their no-data value
+    check_layout(out, n, size, supplied={"sentinel2", "sentinel1", "aster", "dynamic_world"})
 
 
 def test_pixels_match_source_geotiffs(terramesh):
@@ -117,7 +98,7 @@ def test_pixels_match_source_geotiffs(terramesh):
 
 def test_geolocation_month_and_tile_info(terramesh):
     size, out, _ = terramesh
-    info = _side(out, "tile_info")
+    info = check_tile_info(out)
     with h5py.File(out / f"{out.name}.h5", "r") as f:
         ids = [m[0].decode() for m in f["metadata"][:]]
         lat = np.degrees(np.arctan2(f["lat"][:, 0], f["lat"][:, 1]))
@@ -141,34 +122,12 @@ def test_geolocation_month_and_tile_info(terramesh):
 
 def test_splits_and_band_stats(terramesh):
     _, out, _ = terramesh
-    splits, stats, info = _side(out, "splits"), _side(out, "band_stats"), _side(out, "tile_info")
+    check_splits(out)  # the L1C and L2A tiles of one window stay in one split
+    check_band_stats(out)
+    stats = _side(out, "band_stats")
     with h5py.File(out / f"{out.name}.h5", "r") as f:
-        n = len(f["metadata"])
-        ids = [m[0].decode() for m in f["metadata"][:]]
-        kinds = f["metadata"]["S2_type"][:]
-        s2, s1, aster = f["sentinel2"][:], f["sentinel1"][:], f["aster"][:]
-    rows = [splits[k] for k in ("train", "val", "test")]
-    assert all(rows) and sorted(sum(rows, [])) == list(range(n))
-    where = {r: k for k, rs in splits.items() for r in rs}
-    by_location = {}
-    for r, t in enumerate(ids):  # the L1C and L2A tiles of one window stay in one split
-        key = (info[t]["scene"], info[t]["window"]["row"], info[t]["window"]["col"])
-        by_location.setdefault(key, set()).add(where[r])
-    assert all(len(v) == 1 for v in by_location.values())
-    assert "sentinel2" not in stats
-    for key, kind in (("sentinel2_l1c", b"l1c"), ("sentinel2_l2a", b"l2a")):
-        x = s2[kinds == kind].astype(float)
-        for ch in range(13):
-            v = x[:, ch][x[:, ch] != 0]
-            if v.size == 0:
-                assert key == "sentinel2_l2a" and ch == 10 and stats[key]["count"][ch] == 0
-                continue
-            np.testing.assert_allclose(
-                [stats[key][s][ch] for s in ("mean", "std", "min", "max")], [v.mean(), v.std(), v.min(), v.max()],
-                rtol=1e-9,
-            )
-    v = s1[:, 1][np.isfinite(s1[:, 1])]
-    np.testing.assert_allclose(stats["sentinel1"]["mean"][1], v.mean(), rtol=1e-6)
+        aster = f["aster"][:]
+    assert stats["sentinel2_l2a"]["count"][10] == 0  # L2A has no B10
     assert stats["sentinel1"]["count"][2:] == [0] * 6
     np.testing.assert_allclose(stats["aster"]["max"], aster.max(axis=(0, 2, 3)))
 
@@ -200,40 +159,41 @@ S1_SPEC = {"modality": "sentinel1", "bands": ["asc_VV", "asc_VH"]}
 
 @pytest.fixture
 def tiny(tmp_path):
-    """Two 32 x 32 scenes: S2 (B04, B08, B8A) and S1 (VV, VH); returns (src folder, spec path)."""
+    """Two 128 x 128 scenes: S2 (B04, B08, B8A) and S1 (VV, VH); returns (src folder, spec path)."""
     rng = np.random.default_rng(0)
     for scene in ("a", "b"):
-        _tif(tmp_path / "src" / "S2" / f"{scene}.tif", rng.integers(100, 5000, (3, 32, 32)).astype(np.uint16))
-        _tif(tmp_path / "src" / "S1" / f"{scene}.tif", rng.normal(-15, 3, (2, 32, 32)),
+        _tif(tmp_path / "src" / "S2" / f"{scene}.tif", rng.integers(100, 5000, (3, 128, 128)).astype(np.uint16))
+        _tif(tmp_path / "src" / "S1" / f"{scene}.tif", rng.normal(-15, 3, (2, 128, 128)),
              tags={"datetime": "2020-03-05T10:00:00"})
     return tmp_path / "src", _spec(tmp_path, {"S2": S2_SPEC, "S1": S1_SPEC})
 
 
 def test_tiny_conversion_reorders_by_name_and_splits(tiny, tmp_path):
     src, spec = tiny
-    summary = convert(spec, src, tmp_path / "out" / "tiny_16", tile_size=16, progress=False)
+    summary = convert(spec, src, tmp_path / "out" / "tiny_64", progress=False)
     assert summary["num_tiles"] == 8 and all(summary["split_sizes"].values())
-    with h5py.File(tmp_path / "out" / "tiny_16" / "tiny_16.h5", "r") as f:
+    with h5py.File(tmp_path / "out" / "tiny_64" / "tiny_64.h5", "r") as f:
         raw = rasterio.open(src / "S2" / "a.tif").read()
-        np.testing.assert_array_equal(f["sentinel2"][0, 3], raw[0, :16, :16])  # B04
-        np.testing.assert_array_equal(f["sentinel2"][0, 7], raw[2, :16, :16])  # B8A is channel 7
-        np.testing.assert_array_equal(f["sentinel2"][0, 8], raw[1, :16, :16])  # B08 is channel 8
+        np.testing.assert_array_equal(f["sentinel2"][0, 3], raw[0, :64, :64])  # B04
+        np.testing.assert_array_equal(f["sentinel2"][0, 7], raw[2, :64, :64])  # B8A is channel 7
+        np.testing.assert_array_equal(f["sentinel2"][0, 8], raw[1, :64, :64])  # B08 is channel 8
         assert (f["sentinel2"][0, [0, 1, 2, 4, 5, 6, 9, 10, 11, 12]] == 0).all()
         np.testing.assert_allclose(f["month"][0], [np.sin(np.pi / 2), np.cos(np.pi / 2)], atol=1e-6)
 
 
 @pytest.mark.parametrize("what, kwargs, match", [
-    ("size", {"data": np.ones((2, 24, 32))}, r"size .* differs"),
+    ("size", {"data": np.ones((2, 96, 128))}, r"size .* differs"),
     ("crs", {"crs": "EPSG:32633"}, r"CRS .* differs"),
     ("transform", {"origin": (500_005.0, 6_000_000.0)}, r"transform .* differs"),
 ])
 def test_mismatched_rasters(tiny, tmp_path, what, kwargs, match):
     src, spec = tiny
-    data = kwargs.pop("data", np.ones((2, 32, 32)))
+    data = kwargs.pop("data", np.ones((2, 128, 128)))
     _tif(src / "S1" / "b.tif", data, **kwargs)
     with pytest.raises(ConversionError, match=match) as err:
-        convert(spec, src, tmp_path / "out", tile_size=16, progress=False)
+        convert(spec, src, tmp_path / "out", progress=False)
     assert "S1/b.tif" in str(err.value) and "sources.S1" in str(err.value)
+    assert ".resampling (e.g. bilinear)" in str(err.value)  # the message names the way out
 
 
 @pytest.mark.parametrize("sources, match", [
@@ -248,44 +208,54 @@ def test_mismatched_rasters(tiny, tmp_path, what, kwargs, match):
 def test_bad_spec(tiny, tmp_path, sources, match):
     src, _ = tiny
     with pytest.raises(ConversionError, match=match):
-        convert(_spec(tmp_path, sources), src, tmp_path / "out", tile_size=16, progress=False)
+        convert(_spec(tmp_path, sources), src, tmp_path / "out", progress=False)
 
 
 def test_missing_scene_and_cli_error(tiny, tmp_path, capsys):
     src, spec = tiny
     (src / "S1" / "b.tif").unlink()
     with pytest.raises(ConversionError, match=r"sources\.S1: scene\(s\) \['b'\] missing: expected .*S1/b\.tif"):
-        convert(spec, src, tmp_path / "out", tile_size=16, progress=False)
+        convert(spec, src, tmp_path / "out", progress=False)
     assert main(["--spec", str(spec), "--src", str(src), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith("error: sources.S1: scene(s) ['b'] missing")
 
 
+def test_scene_name_that_cannot_be_a_tile_id(tiny, tmp_path):
+    src, spec = tiny
+    for folder in ("S2", "S1"):
+        (src / folder / "b.tif").rename(src / folder / "São_Paulo.tif")
+    with pytest.raises(ConversionError, match=r"scene 'São_Paulo' \(.*S1/São_Paulo\.tif, .*S2/São_Paulo\.tif\) "
+                                              r"gives tile ids such "
+                                              r"as 'São_Paulo_l1c_r1_c1', which MMEarth's metadata"):
+        convert(spec, src, tmp_path / "out", progress=False)
+
+
 def test_band_descriptions_contradicting_spec(tiny, tmp_path):
     src, spec = tiny
-    _tif(src / "S2" / "a.tif", np.ones((3, 32, 32), np.uint16), descriptions=["B04", "B8A", "B08"])
+    _tif(src / "S2" / "a.tif", np.ones((3, 128, 128), np.uint16), descriptions=["B04", "B8A", "B08"])
     with pytest.raises(ConversionError, match=r"S2/a\.tif: band 2 is described as 'B8A' .*bands\[1\] says 'B08'"):
-        convert(spec, src, tmp_path / "out", tile_size=16, progress=False)
+        convert(spec, src, tmp_path / "out", progress=False)
 
 
 def test_nan_inf_out_of_range_and_all_no_data_tiles(tiny, tmp_path):
     src, spec = tiny
     s2 = rasterio.open(src / "S2" / "a.tif").read().astype(np.int32)
-    s2[:, :16, :16] = 0  # top-left tile: no S2 ...
-    s2[0, 20, 20] = -5  # ... and a negative reflectance elsewhere (does not fit uint16)
+    s2[:, :64, :64] = 0  # top-left tile: no S2 ...
+    s2[0, 80, 80] = -5  # ... and a negative reflectance elsewhere (does not fit uint16)
     _tif(src / "S2" / "a.tif", s2.astype(np.int16))
     s1 = rasterio.open(src / "S1" / "a.tif").read()
-    s1[:, :16, :16] = np.nan  # ... and no S1
-    s1[1, 30, 30] = np.inf
+    s1[:, :64, :64] = np.nan  # ... and no S1
+    s1[1, 120, 120] = np.inf
     _tif(src / "S1" / "a.tif", s1)
     out = tmp_path / "out" / "holes"
-    summary = convert(spec, src, out, tile_size=16, progress=False)
+    summary = convert(spec, src, out, progress=False)
     assert summary["empty_tiles"] == [0]
-    assert summary["invalid_pixels"]["S1"]["non-finite"] == 2 * 256 + 1
+    assert summary["invalid_pixels"]["S1"]["NaN / inf or no source pixel"] == 2 * 64 * 64 + 1
     assert summary["invalid_pixels"]["S2"]["out of dtype range"] == 1
     info, splits = _side(out, "tile_info"), _side(out, "splits")
     with h5py.File(out / "holes.h5", "r") as f:
         assert np.isneginf(f["sentinel1"][0]).all() and (f["sentinel2"][0] == 0).all()
-        assert f["sentinel2"][3, 3, 4, 4] == 0 and np.isneginf(f["sentinel1"][3, 1, 14, 14])
+        assert f["sentinel2"][3, 3, 16, 16] == 0 and np.isneginf(f["sentinel1"][3, 1, 56, 56])
         ids = [m[0].decode() for m in f["metadata"][:]]
     assert info[ids[0]]["ALL_NO_DATA"] and info[ids[0]]["NO_DATA"]
     assert info[ids[3]]["NO_DATA"] and not info[ids[3]]["ALL_NO_DATA"] and not info[ids[1]]["NO_DATA"]
@@ -294,19 +264,19 @@ def test_nan_inf_out_of_range_and_all_no_data_tiles(tiny, tmp_path):
 
 
 def test_unknown_class_id_and_existing_output(tmp_path):
-    lulc = np.full((1, 16, 16), 1, np.uint8)
+    lulc = np.full((1, 64, 64), 1, np.uint8)
     lulc[0, 3, 3] = 42
     _tif(tmp_path / "src" / "LULC" / "x.tif", lulc)
     spec = _spec(tmp_path, {"LULC": {"modality": "dynamic_world", "bands": ["label"], "remap": {1: 1}}})
     with pytest.raises(ConversionError, match=r"LULC/x\.tif band 1: class ids \[42\.0\] are not in spec sources"):
-        convert(spec, tmp_path / "src", tmp_path / "out", tile_size=16, progress=False)
+        convert(spec, tmp_path / "src", tmp_path / "out", progress=False, fractions={"train": 1.0})
     spec = _spec(tmp_path, {"LULC": {"modality": "dynamic_world", "bands": ["label"], "remap": {1: 1, 42: None}}})
-    convert(spec, tmp_path / "src", tmp_path / "out", tile_size=16, progress=False)
+    convert(spec, tmp_path / "src", tmp_path / "out", progress=False, fractions={"train": 1.0})
     with h5py.File(tmp_path / "out" / "out.h5", "r") as f:
         assert f["dynamic_world"][0, 0, 3, 3] == 0 and f["dynamic_world"][0, 0, 0, 0] == 1
         assert f["metadata"][0][1] == b"l1c" and (f["sentinel2"][0] == 0).all()
     with pytest.raises(ConversionError, match="exists; pass --overwrite"):
-        convert(spec, tmp_path / "src", tmp_path / "out", tile_size=16, progress=False)
+        convert(spec, tmp_path / "src", tmp_path / "out", progress=False, fractions={"train": 1.0})
 
 
 def test_make_splits_deterministic_nonempty_grouped():

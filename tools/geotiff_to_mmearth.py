@@ -1,17 +1,20 @@
-"""Convert co-registered GeoTIFF folders into an MMEarth file set (``<stem>.h5`` + three JSON files).
+"""Convert GeoTIFF sources into an MMEarth file set (``<stem>.h5`` + three JSON files).
 
 Usage::
 
     python tools/geotiff_to_mmearth.py --spec cfgs/data/terramesh_examples.yaml \\
         --src ../shared/data/terramesh_examples --out out/terramesh_64 --tile-size 64
 
-One folder per source, the same file name in every folder = the same scene on the same grid. The
-YAML spec (:mod:`utils.data.geotiff_spec`) says which MMEarth modality each folder fills and names
-its bands; bands are placed by name into MMEarth's stored order. Each scene is cut into
-non-overlapping ``tile_size`` windows from its top-left corner (the remainder at the right and
-bottom is dropped). Each Sentinel-2 source (e.g. an L1C and an L2A folder) yields its own tiles,
-sharing the other modalities of the window. Every MMEarth dataset is written
-(:class:`utils.data.mmearth_writer.MMEarthWriter`); what the sources lack holds its no-data value.
+The YAML spec (:mod:`utils.data.geotiff_spec`) says which MMEarth modality each source fills, where its
+scenes are (one multi-band raster per scene, or one folder per scene with one raster per band at its
+native resolution) and names its bands; bands are placed by name into MMEarth's stored order, and every
+source is read on the scene's grid (the finest raster of the ``grid`` source), warped onto it where the
+spec allows resampling. Each scene (or its ``--window``) is cut into non-overlapping ``tile_size``
+windows from its top-left corner (the remainder at the right and bottom is dropped). Each Sentinel-2
+source (e.g. an L1C and an L2A product) yields its own tiles, sharing the other modalities of the
+window. Every MMEarth dataset is written (:class:`utils.data.mmearth_writer.MMEarthWriter`, atomically:
+the previous file set stays intact until the new one is complete); what the sources lack holds its
+no-data value.
 
 Derived values:
 
@@ -24,13 +27,17 @@ Derived values:
   A pixel whose neighbours' elevation is missing gets no slope.
 - ``era5``: NaN; ``biome`` / ``eco_region``: all-zero one-hot rows (= unknown).
 
-Source values that are NaN / inf, equal the source no-data, or do not fit the stored dtype become
-no-data; categorical codes absent from the spec's ``remap`` are an error.
+Source values that are NaN / inf, equal the source no-data, lie outside the source raster after
+resampling, or do not fit the stored dtype (after ``scale`` and the scene's offset) become no-data;
+categorical codes absent from the spec's ``remap`` are an error. A split with a positive fraction that
+comes out empty is an error; a supplied modality (or band) without a single valid pixel in the whole
+file set is reported once.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
@@ -45,15 +52,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from multimae.domains import MODALITIES, band_indices  # noqa: E402
 from utils.data.geotiff_spec import (  # noqa: E402
-    ConversionError, ConversionSpec, Scene, SourceSpec, find_scenes, load_spec, open_scene,
+    ConversionError, ConversionSpec, Scene, SceneRef, SourceSpec, find_scenes, load_spec, open_scene,
 )
 from utils.data.mmearth_files import invalid_mask  # noqa: E402
-from utils.data.mmearth_writer import MMEarthWriter, make_splits  # noqa: E402
+from utils.data.mmearth_writer import MMEarthWriter, check_target, make_splits  # noqa: E402
 
-__all__ = ["convert", "slope_degrees", "main"]
+__all__ = ["convert", "slope_degrees", "main", "TILE_SIZES"]
 
+#: Tile sizes the file sets and the training code are built for: MMEarth64 and MMEarth / MMEarth100k.
+TILE_SIZES = (64, 128)
 _SLOPE = band_indices("aster", ["slope"])[0]
 _SPLIT_GROUPS = ("location", "scene", "tile")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def slope_degrees(elevation: np.ndarray, transform, crs, lat: float) -> np.ndarray:
@@ -81,63 +91,70 @@ def slope_degrees(elevation: np.ndarray, transform, crs, lat: float) -> np.ndarr
     return slope
 
 
-def _to_stored(x: np.ndarray, src: SourceSpec, ds, path: Path, band: int, counts: dict) -> np.ndarray:
+def _to_stored(x: np.ndarray, src: SourceSpec, nodata, offset: float, label: str, counts: dict) -> np.ndarray:
     """Raw raster values (float64) -> stored MMEarth values (float64, NaN = no-data)."""
     mod = MODALITIES[src.modality]
     invalid = ~np.isfinite(x)
-    counts["non-finite"] = counts.get("non-finite", 0) + int(invalid.sum())
-    nodata = src.nodata if src.nodata is not None else ds.nodata
+    counts["NaN / inf or no source pixel"] = counts.get("NaN / inf or no source pixel", 0) + int(invalid.sum())
     if nodata is not None:
         invalid |= x == nodata
     if src.remap is not None:
         codes = np.unique(x[~invalid])
         unknown = [c for c in codes.tolist() if c not in src.remap]
         if unknown:
-            raise ConversionError(f"{path} band {band + 1}: class ids {unknown[:10]} are not in spec "
+            raise ConversionError(f"{label}: class ids {unknown[:10]} are not in spec "
                                   f"sources.{src.name}.remap; add them (null = no-data)")
         y = np.full(x.shape, np.nan)
         for code, stored in src.remap.items():
             if stored is not None:
                 y[(x == code) & ~invalid] = stored
         return y
-    y = x * src.scale + src.offset
-    info = np.iinfo(mod.dtype) if np.dtype(mod.dtype).kind in "iu" else np.finfo(mod.dtype)
-    if np.dtype(mod.dtype).kind in "iu":
+    y = x * src.scale + offset
+    integer = np.dtype(mod.dtype).kind in "iu"
+    info = np.iinfo(mod.dtype) if integer else np.finfo(mod.dtype)
+    if integer:
         y = np.rint(y)
     out_of_range = ~invalid & ((y < info.min) | (y > info.max))
     counts["out of dtype range"] = counts.get("out of dtype range", 0) + int(out_of_range.sum())
     y[invalid | out_of_range] = np.nan
+    kept = ~np.isnan(y)
+    collide = np.zeros(y.shape, bool)
+    collide[kept] = invalid_mask(mod, y[kept].astype(mod.dtype))  # e.g. DN 1000 - 1000 = 0 = S2 no-data
+    key = "equal to a stored no-data value after scale / offset"
+    counts[key] = counts.get(key, 0) + int(collide.sum())
+    y[collide] = np.nan
     return y
 
 
-def _read_strip(scene: Scene, src: SourceSpec, row0: int, size: int, width: int, lat: float,
+def _read_strip(scene: Scene, src: SourceSpec, box: tuple[int, int, int, int], lat: float,
                 counts: dict) -> np.ndarray:
-    """One source's rows ``row0 .. row0 + size`` as (C, size, width) stored values (float64, NaN = no-data)."""
-    ds = scene.datasets[src.name]
-    path = Path(ds.name)
+    """One source's grid window ``box`` = (row, col, height, width) as (C, height, width) stored values
+    (float64, NaN = no-data), C = the modality's bands."""
+    row0, col0, height, width = box
     mod = MODALITIES[src.modality]
-    top = max(row0 - 1, 0) if src.slope else row0  # a one-pixel halo so slope sees real neighbours
-    bottom = min(row0 + size + 1, scene.height) if src.slope else row0 + size
-    right = min(width + 1, scene.width) if src.slope else width
-    raw = ds.read(window=Window(0, top, right, bottom - top)).astype(np.float64)
-    out = np.full((len(mod.bands), bottom - top, right), np.nan)
+    halo = 1 if src.slope else 0  # slope needs the real neighbours of the window's edge pixels
+    top, left = max(row0 - halo, 0), max(col0 - halo, 0)
+    bottom, right = min(row0 + height + halo, scene.height), min(col0 + width + halo, scene.width)
+    bands = scene.read(src.name, Window(left, top, right - left, bottom - top))
+    out = np.full((len(mod.bands), bottom - top, right - left), np.nan)
     src_counts = counts.setdefault(src.name, {})
-    for band, channel in enumerate(src.channels):
-        if channel is not None:
-            out[channel] = _to_stored(raw[band], src, ds, path, band, src_counts)
+    for band, channel in zip(bands, scene.channels[src.name]):
+        if band is not None and channel is not None:
+            x, nodata, label = band
+            out[channel] = _to_stored(x, src, nodata, scene.offsets[src.name], label, src_counts)
     if src.slope:
         elevation = out[band_indices("aster", ["elevation"])[0]]
         out[_SLOPE] = np.rint(slope_degrees(elevation, scene.transform, scene.crs, lat))
-    return out[:, row0 - top:row0 - top + size, :width]
+    return out[:, row0 - top:row0 - top + height, col0 - left:col0 - left + width]
 
 
-def _provided(spec: ConversionSpec, s2: SourceSpec | None) -> dict[str, list[int]]:
+def _provided(spec: ConversionSpec, scene: Scene, s2: SourceSpec | None) -> dict[str, list[int]]:
     """Modality -> the channels the sources fill for tiles of S2 source ``s2``."""
     out: dict[str, list[int]] = {}
     for src in spec.sources:
         if src.modality == "sentinel2" and src is not s2:
             continue
-        chans = [c for c in src.channels if c is not None] + ([_SLOPE] if src.slope else [])
+        chans = [c for c in scene.channels[src.name] if c is not None] + ([_SLOPE] if src.slope else [])
         out.setdefault(src.modality, []).extend(chans)
     return out
 
@@ -164,8 +181,9 @@ def _sincos(angle: np.ndarray) -> np.ndarray:
 
 def _tile_block(spec, scene, strip, s2, size, n_cols, lats, lons):
     """Every modality for the ``n_cols`` tiles of one strip and S2 source ``s2`` (or None): dict of
-    (n, C, ...) arrays, each tile's valid fraction per provided modality, and shared tile-info fields."""
-    provided = _provided(spec, s2)
+    (n, C, ...) arrays, each tile's valid fraction per provided modality, the provided channels and
+    shared tile-info fields."""
+    provided = _provided(spec, scene, s2)
     data, valid_frac = {}, []
     for mod in MODALITIES.values():
         shape = (n_cols, len(mod.bands), size, size) if mod.level == "pixel" else (n_cols, len(mod.bands))
@@ -194,27 +212,44 @@ def _tile_block(spec, scene, strip, s2, size, n_cols, lats, lons):
         })
     common = {"S2_DATE": date, "DATES": dict(scene.dates), "MONTH_SOURCE": month_src,
               "BANDS": _bands_info(provided)}
-    return data, valid_frac, common
+    return data, valid_frac, provided, common
 
 
-def _plan(spec: ConversionSpec, src: Path, scenes: list[str], size: int) -> list[tuple[str, int, int]]:
-    """Open and check every scene before writing anything; returns (scene, tile rows, tile cols)."""
+def _box(scene: Scene, window: tuple[int, int, int, int] | None) -> tuple[int, int, int, int]:
+    """The part of the grid to tile: ``window`` (row, col, height, width) clipped to the scene."""
+    if window is None:
+        return 0, 0, scene.height, scene.width
+    row, col, height, width = window
+    return row, col, max(0, min(height, scene.height - row)), max(0, min(width, scene.width - col))
+
+
+def _plan(spec: ConversionSpec, refs: list[SceneRef], size: int, window) -> list[tuple[SceneRef, tuple, int, int]]:
+    """Open and check every scene before writing anything; returns (scene, box, tile rows, tile cols)."""
     plan = []
-    for name in scenes:
-        scene = open_scene(spec, src, name)
+    for ref in tqdm(refs, desc="checking scenes", unit="scene", disable=len(refs) < 20):
+        scene = open_scene(spec, ref)
         scene.close()
-        if scene.height < size or scene.width < size:
-            print(f"warning: scene {name} ({scene.height} x {scene.width} px) is smaller than one "
+        box = _box(scene, window)
+        if box[2] < size or box[3] < size:
+            what = "its --window part" if window else "it"
+            print(f"warning: scene {ref.name} ({scene.height} x {scene.width} px): {what} is smaller than one "
                   f"{size}-px tile; skipped", file=sys.stderr)
             continue
-        plan.append((name, scene.height // size, scene.width // size))
+        longest = f"{ref.name}_l1c_r{box[2] // size - 1}_c{box[3] // size - 1}"
+        if not longest.isascii() or len(longest) > 100:
+            where = ", ".join(str(e.path) for e in ref.entries.values())
+            raise ConversionError(f"scene {ref.name!r} ({where}) gives tile ids such as {longest!r}, which MMEarth's "
+                                  f"metadata (tile_id: ASCII, at most 100 bytes) cannot hold; rename the files or "
+                                  f"folders, or name scenes by other fields (scenes.match)")
+        plan.append((ref, box, box[2] // size, box[3] // size))
     if not plan:
-        raise ConversionError(f"no scene under {src} holds a single {size} x {size} tile")
+        raise ConversionError(f"no scene holds a single {size} x {size} tile"
+                              + (f" inside --window {','.join(map(str, window))}" if window else ""))
     return plan
 
 
-def _centres(scene: Scene, row0: int, size: int, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
-    cols = np.arange(n_cols) * size + size / 2
+def _centres(scene: Scene, row0: int, col0: int, size: int, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    cols = col0 + np.arange(n_cols) * size + size / 2
     rows = np.full(n_cols, row0 + size / 2)
     t = scene.transform
     xs, ys = t.a * cols + t.b * rows + t.c, t.d * cols + t.e * rows + t.f
@@ -222,23 +257,44 @@ def _centres(scene: Scene, row0: int, size: int, n_cols: int) -> tuple[np.ndarra
     return np.asarray(lats), np.asarray(lons)
 
 
-def _convert_scene(spec, src, writer, name, n_rows, n_cols, size, start, groups, empty, counts) -> int:
+def _groups(plan, variants: int) -> list[dict]:
+    """The split-group keys of every row, in row order (as :func:`_convert_scene` writes them)."""
+    out, row = [], 0
+    for ref, _, n_rows, n_cols in plan:
+        for i in range(n_rows):
+            for _ in range(variants):
+                for j in range(n_cols):
+                    out.append({"location": (ref.name, i, j), "scene": ref.name, "tile": row})
+                    row += 1
+    return out
+
+
+def _relative(path: Path, src: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(src.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _convert_scene(spec, src, writer, ref, box, n_rows, n_cols, size, start, empty, counts, seen) -> int:
     """Write every tile of one scene from row ``start`` on; returns the next free row."""
-    scene = open_scene(spec, src, name)
+    scene = open_scene(spec, ref)
     variants = spec.s2_sources or (None,)
+    row0, col0 = box[0], box[1]
     try:
         for i in range(n_rows):
-            row0 = i * size
-            lats, lons = _centres(scene, row0, size, n_cols)
+            r = row0 + i * size
+            lats, lons = _centres(scene, r, col0, size, n_cols)
             strip = {}
             for s in spec.sources:
                 key = s.name if s.modality == "sentinel2" else s.modality
-                part = _read_strip(scene, s, row0, size, n_cols * size, float(lats.mean()), counts)
+                part = _read_strip(scene, s, (r, col0, size, n_cols * size), float(lats.mean()), counts)
                 strip[key] = part if key not in strip else np.where(np.isnan(part), strip[key], part)
             for variant in variants:
-                data, fracs, common = _tile_block(spec, scene, strip, variant, size, n_cols, lats, lons)
+                data, fracs, provided, common = _tile_block(spec, scene, strip, variant, size, n_cols, lats, lons)
                 s2_type = variant.s2_type if variant else "l1c"
-                ids = [f"{name}_{s2_type}_r{i}_c{j}" for j in range(n_cols)]
+                ids = [f"{ref.name}_{s2_type}_r{i}_c{j}" for j in range(n_cols)]
+                used = [s for s in spec.sources if s.modality != "sentinel2" or s is variant]
                 infos = []
                 for j in range(n_cols):
                     infos.append({
@@ -246,14 +302,18 @@ def _convert_scene(spec, src, writer, name, n_rows, n_cols, size, start, groups,
                         "biome": None, "eco_region": None,
                         "NO_DATA": any(f < 1 for f in fracs[j].values()),
                         "ALL_NO_DATA": all(f == 0 for f in fracs[j].values()),
-                        "VALID_FRACTION": fracs[j], **common, "scene": name,
-                        "window": {"row": row0, "col": j * size, "size": size},
-                        "sources": {s.name: Path(scene.datasets[s.name].name).name for s in spec.sources
-                                    if s.modality != "sentinel2" or s is variant},
+                        "VALID_FRACTION": fracs[j], **common, "scene": ref.name,
+                        "window": {"row": r, "col": col0 + j * size, "size": size},
+                        "sources": {s.name: _relative(scene.paths[s.name], src) for s in used},
+                        "OFFSETS": {s.name: scene.offsets[s.name] for s in used},
+                        "RESAMPLED": {s.name: scene.resampled[s.name] for s in used if scene.resampled[s.name]},
                     })
+                    for name, chans in provided.items():
+                        entry = seen.setdefault((name, s2_type if name == "sentinel2" else None), [set(), False])
+                        entry[0].update(chans)
+                        entry[1] = entry[1] or fracs[j][name] > 0
                 writer.write(start, data, ids, [s2_type] * n_cols, infos)
                 for j in range(n_cols):
-                    groups.append({"location": (name, i, j), "scene": name, "tile": start + j})
                     if infos[j]["ALL_NO_DATA"]:
                         empty.add(start + j)
                 start += n_cols
@@ -262,18 +322,55 @@ def _convert_scene(spec, src, writer, name, n_rows, n_cols, size, start, groups,
     return start
 
 
+def _check_splits(splits: dict[str, list[int]], fractions: dict[str, float], split_by: str, groups: list,
+                  why: str) -> None:
+    """An empty split with a positive fraction is an error naming the split and the option."""
+    for name, rows in splits.items():
+        if rows or fractions[name] <= 0:
+            continue
+        n = len(set(groups))
+        positive = [k for k, f in fractions.items() if f > 0]
+        unit = {"location": "tile location", "scene": "scene", "tile": "tile"}[split_by]
+        hint = ("use --split-by location or tile for spatially mixed splits, or convert more scenes"
+                if split_by == "scene" else "convert more scenes or a larger --window")
+        raise ConversionError(
+            f"split {name!r} would be empty: --split-by {split_by} gives {n} {unit} group(s){why} for the "
+            f"{len(positive)} splits with a positive fraction in --splits ({', '.join(positive)}); {hint}, or "
+            f"give {name} fraction 0 in --splits")
+
+
+def _no_valid_data(writer: MMEarthWriter, seen: dict, spec: ConversionSpec) -> list[str]:
+    """One message per supplied modality (per S2 product) or band without any valid pixel."""
+    out = []
+    for (name, s2_type), (chans, any_valid) in sorted(seen.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        mod = MODALITIES[name]
+        label = f"{name} ({s2_type})" if s2_type else name
+        sources = ", ".join(f"sources.{s.name}" for s in spec.sources if s.modality == name
+                            and (s2_type is None or s.s2_type == s2_type))
+        if not any_valid:
+            out.append(f"{label} from {sources}: no valid pixel in the whole file set")
+            continue
+        key = f"sentinel2_{s2_type}" if s2_type else mod.stats_key
+        if key in writer.stats:
+            empty = [mod.bands[c] for c in sorted(chans) if writer.stats[key].count[c] == 0]
+            if empty:
+                out.append(f"{label} band(s) {', '.join(empty)} from {sources}: no valid pixel in the whole file set")
+    return out
+
+
 def convert(
     spec_path, src, out, tile_size: int = 64, fractions: dict[str, float] | None = None, seed: int = 0,
     split_by: str = "location", overwrite: bool = False, compression_level: int = 4, progress: bool = True,
+    window: tuple[int, int, int, int] | None = None,
 ) -> dict:
-    """Convert GeoTIFF folders into an MMEarth file set.
+    """Convert GeoTIFF sources into an MMEarth file set.
 
     Args:
         spec_path: YAML spec (:mod:`utils.data.geotiff_spec`).
-        src: Folder holding one sub-folder per source.
+        src: Folder holding the sources' folders.
         out: Output folder; its basename is the file stem (``out/<stem>.h5``, ``<stem>_band_stats.json``,
-            ``<stem>_splits.json``, ``<stem>_tile_info.json``).
-        tile_size: Tile side S in pixels (64 as MMEarth64, 128 as MMEarth).
+            ``<stem>_splits.json``, ``<stem>_tile_info.json``). Other files in it are kept.
+        tile_size: Tile side S in pixels, one of :data:`TILE_SIZES` (64 as MMEarth64, 128 as MMEarth).
         fractions: Split name -> fraction of groups; default train 0.8, val 0.1, test 0.1.
         seed: Seed of the split shuffle.
         split_by: Rows kept together in one split: ``location`` (the tiles of one window, e.g. its L1C
@@ -281,43 +378,86 @@ def convert(
         overwrite: Replace an existing file set in ``out``.
         compression_level: gzip level.
         progress: Show a tqdm bar over scenes.
+        window: Only tile this part of every scene grid: (row, col, height, width) in pixels.
 
     Returns:
         Summary: ``paths`` (written files), ``num_tiles``, ``split_sizes``, ``empty_tiles`` (rows without
-        any valid pixel, left out of the splits), ``invalid_pixels`` (per source and reason), ``seconds``.
+        any valid pixel, left out of the splits), ``invalid_pixels`` (per source and reason),
+        ``no_valid_data`` (messages for supplied modalities or bands without a valid pixel anywhere),
+        ``leftovers`` (hidden folders of interrupted runs beside ``out``), ``seconds``.
 
     Raises:
         ConversionError: bad spec, missing folder or scene, mismatched rasters, bad band count or
-            names, unknown class ids, bad fractions, or an existing output without ``overwrite``.
+            names, unknown class ids, an unsupported tile size, bad fractions or window, a split that
+            comes out empty, an existing output without ``overwrite``, or a full disk ("no space left
+            on ..."). Nothing in ``out`` is changed then.
     """
     t0 = time.perf_counter()
+    if tile_size not in TILE_SIZES:
+        raise ConversionError(f"--tile-size {tile_size} is not supported: MMEarth tiles are 64 px (MMEarth64) "
+                              f"or 128 px (MMEarth, MMEarth100k); use --tile-size 64 or --tile-size 128")
     fractions = fractions or {"train": 0.8, "val": 0.1, "test": 0.1}
     if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
-        raise ConversionError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+        raise ConversionError(f"--splits: fractions must be >= 0 and sum to 1, got {fractions}")
     if split_by not in _SPLIT_GROUPS:
-        raise ConversionError(f"split_by must be one of {_SPLIT_GROUPS}, got {split_by!r}")
-    if tile_size < 2:
-        raise ConversionError(f"tile_size must be >= 2 pixels, got {tile_size}")
+        raise ConversionError(f"--split-by must be one of {_SPLIT_GROUPS}, got {split_by!r}")
+    if window is not None and (len(window) != 4 or min(window[:2]) < 0 or min(window[2:]) < 1):
+        raise ConversionError(f"--window must be ROW,COL,HEIGHT,WIDTH with ROW, COL >= 0 and HEIGHT, WIDTH >= 1, "
+                              f"got {window}")
     spec, src, out = load_spec(spec_path), Path(src), Path(out)
-    if (out / f"{out.name}.h5").exists() and not overwrite:
-        raise ConversionError(f"{out / (out.name + '.h5')} exists; pass --overwrite to replace it")
-    plan = _plan(spec, src, find_scenes(spec, src), tile_size)
+    try:
+        leftovers = check_target(out, overwrite)
+    except FileExistsError as err:
+        raise ConversionError(str(err)) from None
+    for path in leftovers:
+        print(f"warning: {path} was left by an interrupted conversion, or belongs to one still running (an "
+              f".old-* folder may hold a previous file set); delete it when no conversion runs", file=sys.stderr)
+    plan = _plan(spec, find_scenes(spec, src), tile_size, window)
     variants = max(1, len(spec.s2_sources))
-    num_tiles = sum(r * c for _, r, c in plan) * variants
+    num_tiles = sum(r * c for _, _, r, c in plan) * variants
+    groups = [g[split_by] for g in _groups(plan, variants)]
+    _check_splits(make_splits(groups, fractions, seed), fractions, split_by, groups, "")
     attrs = {"converter": "tools/geotiff_to_mmearth.py", "spec": Path(spec_path).read_text(), "source": str(src),
              "tile_size": tile_size}
-    writer = MMEarthWriter(out, num_tiles, tile_size, compression_level=compression_level, attrs=attrs)
-    groups, empty, counts, row = [], set(), {}, 0
+    if window is not None:
+        attrs["window"] = ",".join(map(str, window))
     try:
-        for name, n_rows, n_cols in tqdm(plan, desc="scenes", unit="scene", disable=not progress):
-            row = _convert_scene(spec, src, writer, name, n_rows, n_cols, tile_size, row, groups, empty, counts)
-        splits = make_splits([g[split_by] for g in groups], fractions, seed, exclude=empty)
+        writer = MMEarthWriter(out, num_tiles, tile_size, overwrite=overwrite, compression_level=compression_level,
+                               attrs=attrs)
+    except OSError as err:
+        raise _os_error(err, out) from None
+    empty, counts, seen, row = set(), {}, {}, 0
+    try:
+        bar = tqdm(plan, desc="scenes", unit="scene", disable=not progress)
+        for ref, box, n_rows, n_cols in bar:
+            row = _convert_scene(spec, src, writer, ref, box, n_rows, n_cols, tile_size, row, empty, counts, seen)
+        splits = make_splits(groups, fractions, seed, exclude=empty)
+        _check_splits(splits, fractions, split_by, [g for r, g in enumerate(groups) if r not in empty],
+                      f" after leaving out {len(empty)} tile(s) without any valid pixel")
+        no_valid = _no_valid_data(writer, seen, spec)
         paths = writer.close(splits)
+    except OSError as err:
+        writer.abort()
+        raise _os_error(err, out) from None
     except BaseException:
         writer.abort()
         raise
     return {"paths": paths, "num_tiles": num_tiles, "split_sizes": {k: len(v) for k, v in splits.items()},
-            "empty_tiles": sorted(empty), "invalid_pixels": counts, "seconds": time.perf_counter() - t0}
+            "empty_tiles": sorted(empty), "invalid_pixels": counts, "no_valid_data": no_valid,
+            "leftovers": leftovers, "seconds": time.perf_counter() - t0}
+
+
+def _os_error(err: OSError, out: Path) -> Exception:
+    """A full disk becomes one ConversionError naming the output folder; other OSErrors pass unchanged."""
+    if err.errno == errno.ENOSPC:
+        return ConversionError(f"no space left on {out.parent} (writing {out}); the partial file set was removed "
+                               f"and nothing was replaced")
+    if err.errno == errno.EDQUOT:
+        return ConversionError(f"disk quota exceeded on {out.parent} (writing {out}); the partial file set was "
+                               f"removed and nothing was replaced")
+    if isinstance(err, FileExistsError):
+        return ConversionError(str(err))
+    return err
 
 
 def _fractions(text: str) -> dict[str, float]:
@@ -328,24 +468,37 @@ def _fractions(text: str) -> dict[str, float]:
     return out
 
 
+def _window(text: str) -> tuple[int, int, int, int]:
+    try:
+        parts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"expected ROW,COL,HEIGHT,WIDTH in pixels, got {text!r}")
+    return parts
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 on bad input, with a one-line error)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", required=True, help="YAML spec: source folder -> modality, bands, remap")
-    parser.add_argument("--src", required=True, help="folder holding one sub-folder per source")
+    parser.add_argument("--spec", required=True, help="YAML spec: sources -> modality, layout, bands, remap")
+    parser.add_argument("--src", required=True, help="folder holding the sources' folders")
     parser.add_argument("--out", required=True, help="output folder; its name is the file stem")
-    parser.add_argument("--tile-size", type=int, default=64, help="tile side in pixels (64 or 128)")
+    parser.add_argument("--tile-size", type=int, default=64,
+                        help=f"tile side in pixels: {' or '.join(map(str, TILE_SIZES))} (MMEarth64, MMEarth)")
     parser.add_argument("--splits", type=_fractions, default="train=0.8,val=0.1,test=0.1",
                         help="split fractions, e.g. train=0.8,val=0.1,test=0.1")
     parser.add_argument("--split-by", choices=_SPLIT_GROUPS, default="location",
                         help="rows kept in one split: location (L1C/L2A tiles of a window), scene, tile")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split shuffle")
+    parser.add_argument("--window", type=_window, default=None,
+                        help="only tile ROW,COL,HEIGHT,WIDTH (pixels of the 10 m grid) of every scene")
     parser.add_argument("--compression-level", type=int, default=4, help="gzip level 0-9")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing file set")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file set in --out")
     args = parser.parse_args(argv)
     try:
         summary = convert(args.spec, args.src, args.out, args.tile_size, args.splits, args.seed, args.split_by,
-                          args.overwrite, args.compression_level)
+                          args.overwrite, args.compression_level, window=args.window)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -357,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         for reason, n in reasons.items():
             if n:
                 print(f"sources.{source}: {n} pixels {reason} became no-data")
+    for message in summary["no_valid_data"]:
+        print(f"warning: {message}", file=sys.stderr)
     return 0
 
 
