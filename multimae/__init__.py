@@ -3,55 +3,45 @@
 Public entry points (see docs/DESIGN.md for the contracts)::
 
     from multimae import build_encoder, build_pretraining, model_summary
+
+Names are imported on first use (PEP 562), so ``import multimae.domains`` (the pure-Python registry, used by
+the converter) does not import torch.
 """
 
-from multimae.adapters import CategoricalAdapter, PatchAdapter, majority_pool, patch_validity
-from multimae.build import PRESETS, build_encoder, build_pretraining, model_summary, resolve_preset
-from multimae.criterion import MultiMAECriterion
-from multimae.decoders import SpatialDecoder
-from multimae.domains import DOMAINS, IGNORE_INDEX, MODALITIES, Domain, Modality, get_domain, get_modality
-from multimae.encoder import MultiModalEncoder, Tokens
-from multimae.interop import export_timm_state_dict, load_timm_state_dict, timm_vit_kwargs
-from multimae.layout import Segment, TokenLayout
-from multimae.masking import mask_to_ids, random_masks, split_masks
-from multimae.objectives import OBJECTIVES, Objective, build_objective, get_objective
-from multimae.objectives.multimae import MultiMAEObjective
-from multimae.pos_embed import sincos_pos_embed_2d, sincos_pos_embed_coords
+from __future__ import annotations
 
-__all__ = [
-    "PRESETS",
-    "build_encoder",
-    "build_pretraining",
-    "build_objective",
-    "get_objective",
-    "model_summary",
-    "resolve_preset",
-    "MultiModalEncoder",
-    "Tokens",
-    "TokenLayout",
-    "Segment",
-    "OBJECTIVES",
-    "Objective",
-    "MultiMAEObjective",
-    "MultiMAECriterion",
-    "PatchAdapter",
-    "CategoricalAdapter",
-    "SpatialDecoder",
-    "majority_pool",
-    "patch_validity",
-    "random_masks",
-    "mask_to_ids",
-    "split_masks",
-    "sincos_pos_embed_2d",
-    "sincos_pos_embed_coords",
-    "export_timm_state_dict",
-    "load_timm_state_dict",
-    "timm_vit_kwargs",
-    "DOMAINS",
-    "MODALITIES",
-    "IGNORE_INDEX",
-    "Domain",
-    "Modality",
-    "get_domain",
-    "get_modality",
-]
+import importlib
+
+#: Public name -> module that defines it.
+_EXPORTS = {
+    "CategoricalAdapter": "adapters", "PatchAdapter": "adapters", "majority_pool": "adapters",
+    "patch_validity": "adapters",
+    "PRESETS": "build", "build_encoder": "build", "build_pretraining": "build", "model_summary": "build",
+    "resolve_preset": "build",
+    "MultiMAECriterion": "criterion",
+    "SpatialDecoder": "decoders",
+    "DOMAINS": "domains", "IGNORE_INDEX": "domains", "MODALITIES": "domains", "Domain": "domains",
+    "Modality": "domains", "get_domain": "domains", "get_modality": "domains",
+    "MultiModalEncoder": "encoder", "Tokens": "encoder",
+    "export_timm_state_dict": "interop", "load_timm_state_dict": "interop", "timm_vit_kwargs": "interop",
+    "Segment": "layout", "TokenLayout": "layout",
+    "mask_to_ids": "masking", "random_masks": "masking", "split_masks": "masking",
+    "OBJECTIVES": "objectives", "Objective": "objectives", "build_objective": "objectives",
+    "get_objective": "objectives",
+    "MultiMAEObjective": "objectives.multimae",
+    "sincos_pos_embed_2d": "pos_embed", "sincos_pos_embed_coords": "pos_embed",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'multimae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"multimae.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
