@@ -260,3 +260,23 @@ def test_killed_conversion_leaves_previous_set_and_is_reported(tmp_path):
     assert len(left) == 1 and left[0].startswith(".out.partial-")
     summary = convert(spec, src, out, overwrite=True, progress=False)
     assert [p.name for p in summary["leftovers"]] == left
+
+
+def test_several_inputs_go_into_one_file_set(tmp_path, shared_data_dir):
+    import json
+
+    terramesh, ssl4eo = shared_data_dir / "terramesh_examples", shared_data_dir / "ssl4eo_s12_1loc"
+    if not (terramesh.is_dir() and ssl4eo.is_dir()):
+        pytest.skip("the TerraMesh or SSL4EO samples are absent")
+    specs = [REPO / "cfgs/data/terramesh_examples.yaml", REPO / "cfgs/data/ssl4eo_s12_1loc.yaml"]
+    one = convert(specs[:1], [terramesh], tmp_path / "a" / "tm", progress=False)
+    both = convert(specs, [terramesh, ssl4eo], tmp_path / "b" / "both", progress=False)
+    alone = convert(specs[1:], [ssl4eo], tmp_path / "c" / "ssl", progress=False)
+    assert both["num_tiles"] == one["num_tiles"] + alone["num_tiles"] == 90 + 64
+    splits = json.loads((tmp_path / "b" / "both" / "both_splits.json").read_text())
+    rows = sorted(r for v in splits.values() for r in v)
+    assert rows == sorted(set(rows)) and len(rows) == 154 - len(both["empty_tiles"])
+    with h5py.File(tmp_path / "b" / "both" / "both.h5") as h5, h5py.File(tmp_path / "c" / "ssl" / "ssl.h5") as ref:
+        assert np.array_equal(h5["sentinel2"][90:], ref["sentinel2"][:])  # the second input's tiles follow
+    with pytest.raises(ConversionError, match="--spec and --src come in pairs"):
+        convert(specs, [terramesh], tmp_path / "d" / "x", progress=False)

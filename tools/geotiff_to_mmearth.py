@@ -257,14 +257,15 @@ def _centres(scene: Scene, row0: int, col0: int, size: int, n_cols: int) -> tupl
     return np.asarray(lats), np.asarray(lons)
 
 
-def _groups(plan, variants: int) -> list[dict]:
-    """The split-group keys of every row, in row order (as :func:`_convert_scene` writes them)."""
-    out, row = [], 0
+def _groups(plan, variants: int, start: int = 0, prefix: str = "") -> list[dict]:
+    """The split-group keys of every row, in row order (as :func:`_convert_scene` writes them), from row ``start``;
+    ``prefix`` keeps the scenes of several inputs apart."""
+    out, row = [], start
     for ref, _, n_rows, n_cols in plan:
         for i in range(n_rows):
             for _ in range(variants):
                 for j in range(n_cols):
-                    out.append({"location": (ref.name, i, j), "scene": ref.name, "tile": row})
+                    out.append({"location": (prefix + ref.name, i, j), "scene": prefix + ref.name, "tile": row})
                     row += 1
     return out
 
@@ -339,14 +340,14 @@ def _check_splits(splits: dict[str, list[int]], fractions: dict[str, float], spl
             f"give {name} fraction 0 in --splits")
 
 
-def _no_valid_data(writer: MMEarthWriter, seen: dict, spec: ConversionSpec) -> list[str]:
+def _no_valid_data(writer: MMEarthWriter, seen: dict, specs: list[ConversionSpec]) -> list[str]:
     """One message per supplied modality (per S2 product) or band without any valid pixel."""
     out = []
     for (name, s2_type), (chans, any_valid) in sorted(seen.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
         mod = MODALITIES[name]
         label = f"{name} ({s2_type})" if s2_type else name
-        sources = ", ".join(f"sources.{s.name}" for s in spec.sources if s.modality == name
-                            and (s2_type is None or s.s2_type == s2_type))
+        sources = ", ".join(dict.fromkeys(f"sources.{s.name}" for spec in specs for s in spec.sources
+                                          if s.modality == name and (s2_type is None or s.s2_type == s2_type)))
         if not any_valid:
             out.append(f"{label} from {sources}: no valid pixel in the whole file set")
             continue
@@ -365,9 +366,13 @@ def convert(
 ) -> dict:
     """Convert GeoTIFF sources into an MMEarth file set.
 
+    Several inputs (a list of specs with the list of their source folders, e.g. TerraMesh and the per-band
+    Sentinel-2 scenes) go into one file set: their tiles one after the other, one set of band statistics,
+    splits drawn over all of them.
+
     Args:
-        spec_path: YAML spec (:mod:`utils.data.geotiff_spec`).
-        src: Folder holding the sources' folders.
+        spec_path: YAML spec (:mod:`utils.data.geotiff_spec`), or a list of specs.
+        src: Folder holding the sources' folders, or a list of folders (one per spec).
         out: Output folder; its basename is the file stem (``out/<stem>.h5``, ``<stem>_band_stats.json``,
             ``<stem>_splits.json``, ``<stem>_tile_info.json``). Other files in it are kept.
         tile_size: Tile side S in pixels, one of :data:`TILE_SIZES` (64 as MMEarth64, 128 as MMEarth).
@@ -404,7 +409,11 @@ def convert(
     if window is not None and (len(window) != 4 or min(window[:2]) < 0 or min(window[2:]) < 1):
         raise ConversionError(f"--window must be ROW,COL,HEIGHT,WIDTH with ROW, COL >= 0 and HEIGHT, WIDTH >= 1, "
                               f"got {window}")
-    spec, src, out = load_spec(spec_path), Path(src), Path(out)
+    spec_paths = list(spec_path) if isinstance(spec_path, (list, tuple)) else [spec_path]
+    srcs = [Path(x) for x in (list(src) if isinstance(src, (list, tuple)) else [src])]
+    if len(spec_paths) != len(srcs):
+        raise ConversionError(f"--spec and --src come in pairs: got {len(spec_paths)} spec(s) and {len(srcs)} folder(s)")
+    out = Path(out)
     try:
         leftovers = check_target(out, overwrite)
     except FileExistsError as err:
@@ -412,13 +421,19 @@ def convert(
     for path in leftovers:
         print(f"warning: {path} was left by an interrupted conversion, or belongs to one still running (an "
               f".old-* folder may hold a previous file set); delete it when no conversion runs", file=sys.stderr)
-    plan = _plan(spec, find_scenes(spec, src), tile_size, window)
-    variants = max(1, len(spec.s2_sources))
-    num_tiles = sum(r * c for _, _, r, c in plan) * variants
-    groups = [g[split_by] for g in _groups(plan, variants)]
+    inputs, groups, num_tiles = [], [], 0  # (spec, src, plan) per input; split groups of every row
+    for k, (path, folder) in enumerate(zip(spec_paths, srcs)):
+        spec = load_spec(path)
+        plan = _plan(spec, find_scenes(spec, folder), tile_size, window)
+        variants = max(1, len(spec.s2_sources))
+        prefix = f"{k}:" if len(srcs) > 1 else ""
+        groups += [g[split_by] for g in _groups(plan, variants, num_tiles, prefix)]
+        num_tiles += sum(r * c for _, _, r, c in plan) * variants
+        inputs.append((spec, folder, plan))
     _check_splits(make_splits(groups, fractions, seed), fractions, split_by, groups, "")
-    attrs = {"converter": "tools/geotiff_to_mmearth.py", "spec": Path(spec_path).read_text(), "source": str(src),
-             "tile_size": tile_size}
+    attrs = {"converter": "tools/geotiff_to_mmearth.py",
+             "spec": "\n---\n".join(Path(x).read_text() for x in spec_paths),
+             "source": ", ".join(map(str, srcs)), "tile_size": tile_size}
     if window is not None:
         attrs["window"] = ",".join(map(str, window))
     try:
@@ -428,13 +443,17 @@ def convert(
         raise _os_error(err, out) from None
     empty, counts, seen, row = set(), {}, {}, 0
     try:
-        bar = tqdm(plan, desc="scenes", unit="scene", disable=not progress)
-        for ref, box, n_rows, n_cols in bar:
-            row = _convert_scene(spec, src, writer, ref, box, n_rows, n_cols, tile_size, row, empty, counts, seen)
+        with tqdm(total=sum(len(plan) for _, _, plan in inputs), desc="scenes", unit="scene",
+                  disable=not progress) as bar:
+            for spec, folder, plan in inputs:
+                for ref, box, n_rows, n_cols in plan:
+                    row = _convert_scene(spec, folder, writer, ref, box, n_rows, n_cols, tile_size, row, empty,
+                                         counts, seen)
+                    bar.update()
         splits = make_splits(groups, fractions, seed, exclude=empty)
         _check_splits(splits, fractions, split_by, [g for r, g in enumerate(groups) if r not in empty],
                       f" after leaving out {len(empty)} tile(s) without any valid pixel")
-        no_valid = _no_valid_data(writer, seen, spec)
+        no_valid = _no_valid_data(writer, seen, [spec for spec, _, _ in inputs])
         paths = writer.close(splits)
     except OSError as err:
         writer.abort()
@@ -481,8 +500,10 @@ def _window(text: str) -> tuple[int, int, int, int]:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 on bad input, with a one-line error)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", required=True, help="YAML spec: sources -> modality, layout, bands, remap")
-    parser.add_argument("--src", required=True, help="folder holding the sources' folders")
+    parser.add_argument("--spec", required=True, action="append",
+                        help="YAML spec: sources -> modality, layout, bands, remap (repeat with --src for several inputs)")
+    parser.add_argument("--src", required=True, action="append",
+                        help="folder holding the sources' folders (one per --spec, in the same order)")
     parser.add_argument("--out", required=True, help="output folder; its name is the file stem")
     parser.add_argument("--tile-size", type=int, default=64,
                         help=f"tile side in pixels: {' or '.join(map(str, TILE_SIZES))} (MMEarth64, MMEarth)")
