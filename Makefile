@@ -4,6 +4,7 @@
 #   make demo      convert the real TerraMesh sample, pretrain cfgs/pretrain/demo.yaml, then fine-tune
 #                  (DATA=folder of GeoTIFF sub-folders and SPEC=its converter spec to use another sample;
 #                  DEMO=output/<name> keeps its runs apart from an earlier demo's)
+#   make compare   the four pretraining recipes on every real scene, the same probes for each (cfgs/compare/demo.yaml)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -17,7 +18,7 @@ DEMO_DATA := $(DEMO)/data/terramesh64
 # for each other ran 2-3x slower than 1 whenever anything else was running (measured).
 DEMO_THREADS ?= 1
 
-.PHONY: install test demo clean-demo
+.PHONY: install test demo clean-demo compare
 
 install: $(STAMP)
 
@@ -49,3 +50,6 @@ demo: $(STAMP) $(DEMO_DATA)/terramesh64.h5
 
 clean-demo:
 	rm -rf $(DEMO)
+
+compare: $(STAMP)
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) benchmarks/compare_objectives.py --config cfgs/compare/demo.yaml
