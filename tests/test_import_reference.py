@@ -290,3 +290,13 @@ def test_a_run_without_depth_standardisation_records_the_aster_statistics(fixtur
     elevation = state["encoder"]["domains"]["elevation"]
     assert elevation["normalization"] == "band_stats"
     assert elevation["stats"]["aster"]["mean"] == json.loads(stats.read_text())["aster"]["mean"][:1]
+
+
+def test_the_reference_recipe_is_the_reference_vit_b():
+    from multimae.build import model_summary
+
+    cfg = load_config(REPO / "cfgs" / "pretrain" / "reference.yaml")
+    summary = dict(line.split(": ", 1) for line in model_summary(cfg).splitlines() if not line.startswith(" "))
+    # the reference reports 90.78M trainable parameters for ViT-B + 7 decoders (its class embedding has one row less)
+    assert round(int(summary["trainable_params"]) / 1e6, 2) == 90.78
+    assert summary["total_tokens"] == "294" and summary["encoded_tokens"] == "49"
