@@ -60,7 +60,8 @@ def test_backbone_architecture_comes_from_the_checkpoint(tmp_path):
     write_pretraining_checkpoint(tmp_path / "pre.pth", "model.preset={dim: 48, depth: 3, heads: 4}",
                                  "model.patch_sizes={s1: 16}")
     ckpt = read_pretraining_checkpoint(tmp_path / "pre.pth")
-    cfg = load_config(None, ["data.input_size=32", f"finetune.checkpoint={tmp_path / 'pre.pth'}"])  # preset base
+    cfg = load_config(None, ["data.input_size=32", f"finetune.checkpoint={tmp_path / 'pre.pth'}",  # preset base
+                             "finetune.pos_embed=recompute"])  # two patch sizes: no single grid to resize from
     encoder, report = build_backbone(cfg, ckpt, ["s2_rgb", "s1"])
     assert (encoder.dim, encoder.depth, encoder.num_heads, encoder.patch_sizes) == (48, 3, 4, {"s2_rgb": 8, "s1": 16})
     assert report.loaded_domains == ["s1", "s2_rgb"]

@@ -170,14 +170,22 @@ class Engine:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> bool:
         """Restore what ``state_dict`` saved (optimizer parameters matched by name, see
-        :func:`utils.checkpoint.load_optimizer_state`)."""
+        :func:`utils.checkpoint.load_optimizer_state`).
+
+        Returns:
+            False, leaving optimizer, scaler and counters as they are, when ``state`` holds no optimizer state (a
+            weights-only checkpoint, e.g. one imported from another code base); True otherwise.
+        """
+        if state.get("optimizer") is None:
+            return False
         load_optimizer_state(self.optimizer, state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        return True
 
 
 def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, cfg: dict, info: DistInfo, *,

@@ -5,7 +5,8 @@ objective pretrained it; a from-scratch baseline builds the same architecture wi
 Checkpoint surgery follows MAE's fine-tuning load (He et al., CVPR 2022, ``main_finetune.py``): keep what the
 new model can use, ``load_state_dict(strict=False)``, then assert the exact sets of missing and unexpected
 keys, so a renamed parameter cannot silently stay at its random init. Position embeddings are
-non-persistent buffers rebuilt for any image size, so they need no interpolation.
+non-persistent buffers built from the encoder spec; at another image size ``finetune.pos_embed`` chooses between
+MultiMAE's resized pretraining table and sin-cos computed on the new grid (:func:`build_backbone`).
 
 kNN follows OlmoEarth's ``evals/knn.py`` convention (``../shared/reference/peer_systems.md`` section 6):
 L2-normalised mean-pooled embeddings, cosine similarity, the k = 20 nearest training samples vote for their
@@ -98,14 +99,28 @@ def build_backbone(cfg: dict, pretrained: dict | None, in_domains: list[str]) ->
     unless ``finetune.from_scratch`` (the same architecture at its initialisation: a fair baseline). Without a
     checkpoint the encoder is ``model.*`` of this config, at its initialisation.
 
+    Position embeddings (``finetune.pos_embed``), fixed sin-cos tables in both cases:
+
+    - ``resize`` (default): MultiMAE's fine-tuning convention (Bachmann et al., ECCV 2022,
+      ``interpolate_pos_embed_multimae`` in its fine-tuning scripts): the pretraining table resized to the
+      fine-tuning grid. A checkpoint trained with ``model.pos_embed_grid`` keeps that base grid (its table is
+      resized to every grid, as in pretraining); one without it gets the sin-cos table of its pretraining grid
+      (``input_size / patch_size``) as the base grid. Image adapters resize bicubically (as MultiMAE), class-map
+      adapters bilinearly (the mode of their pretraining). At the pretraining image size nothing changes.
+    - ``recompute``: sin-cos computed on the fine-tuning grid (``model.pos_embed_grid`` null).
+
     Returns:
         The encoder and what was loaded (None when nothing was).
 
     Raises:
-        ValueError: ``finetune.from_scratch`` without ``finetune.checkpoint`` (no architecture to copy).
+        ValueError: ``finetune.from_scratch`` without ``finetune.checkpoint`` (no architecture to copy); an unknown
+            ``finetune.pos_embed``; ``resize`` of a checkpoint whose input domains have their own patch sizes
+            (``model.patch_sizes``: no single pretraining grid) at another image size.
         CheckpointError: the checkpoint's encoder does not fit its own spec.
     """
     ft = cfg["finetune"]
+    if ft["pos_embed"] not in ("resize", "recompute"):
+        raise ValueError(f"finetune.pos_embed must be 'resize' or 'recompute', got {ft['pos_embed']!r}")
     drop_path = float(cfg["model"]["drop_path"])
     if pretrained is None:
         if ft["from_scratch"]:
@@ -114,8 +129,17 @@ def build_backbone(cfg: dict, pretrained: dict | None, in_domains: list[str]) ->
         cfg = {**cfg, "model": {**cfg["model"], "drop_path": drop_path}}
         return build_encoder(cfg, in_domains=in_domains), None
     entry = pretrained["encoder"]
-    encoder = MultiModalEncoder.from_spec(entry["spec"], in_domains=in_domains, input_size=cfg["data"]["input_size"],
-                                          drop_path=drop_path)
+    spec, size = dict(entry["spec"]), cfg["data"]["input_size"]
+    if ft["pos_embed"] == "recompute":
+        spec["pos_embed_grid"] = None
+    elif spec.get("pos_embed_grid") is None and size != spec["input_size"]:
+        own = {d: p for d, p in spec["patch_sizes"].items() if d in in_domains}
+        if own:
+            raise ValueError(f"finetune.pos_embed 'resize' needs one pretraining grid, but the checkpoint gives "
+                             f"{', '.join(f'{d} patch {p} px' for d, p in own.items())} besides the base patch "
+                             f"{spec['patch_size']} px; set finetune.pos_embed=recompute")
+        spec["pos_embed_grid"] = spec["input_size"] // spec["patch_size"]  # the pretraining grid's sin-cos table
+    encoder = MultiModalEncoder.from_spec(spec, in_domains=in_domains, input_size=size, drop_path=drop_path)
     if ft["from_scratch"]:
         return encoder, None
     return encoder, load_backbone(encoder, entry["state_dict"], in_domains, source=str(ft["checkpoint"]))

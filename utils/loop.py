@@ -214,20 +214,28 @@ class TrainLoop:
                 ckpt.save_checkpoint(state, self.out / name)
 
     def resume(self, path: Path, log: RunLogger) -> None:
-        """Restore the task, optimizer, scaler, progress and RNG states from ``path``."""
+        """Restore the task, optimizer, scaler, progress and RNG states from ``path``.
+
+        A weights-only checkpoint (no optimizer or RNG state, e.g. one written by
+        ``tools/import_reference_checkpoint.py``) starts a fresh optimizer and keeps this run's seeding, and says so.
+        """
         state = ckpt.read_checkpoint(path, kind=self.task.kind)
         self.task.load_state(state, path)
-        self.task.engine.load_state_dict(state)
+        fresh = {} if self.task.engine.load_state_dict(state) else {"optimizer": "the optimizer starts fresh"}
         epoch = int(state["epoch"])
         self.progress = Progress(int(state.get("step", epoch * self.steps_per_epoch)), epoch,
                                  int(state.get("epoch_step", 0)))
         if self.info.is_main:  # records after the checkpoint are repeated by this run
             truncate_log(self.out / "log.jsonl", self.progress.step)
-        if len(state["rng"]) == self.info.world_size:
+        if state.get("rng") is None:
+            fresh["RNG"] = "this run's seeds are used"
+        elif len(state["rng"]) == self.info.world_size:
             ckpt.set_rng_state(state["rng"][self.info.rank], {"loader": self.task.train_gen})
         else:
             log.write(f"warning: resume: {path} holds RNG states of {len(state['rng'])} ranks, this run has "
                       f"{self.info.world_size}: the run continues, but not on the identical trajectory")
+        if fresh:
+            log.write(f"note: {path} holds no {' or '.join(fresh)} state: {', '.join(fresh.values())}")
         log.write(f"resumed from {path} at step {self.progress.step} (epoch {self.progress.epoch})")
 
     # ------------------------------------------------------------------ loop

@@ -33,7 +33,7 @@ from utils.data.mmearth_files import (
     resolve_fileset,
 )
 
-__all__ = ["MMEarthDataset", "standardize_per_tile"]
+__all__ = ["MMEarthDataset", "domain_record", "standardize_per_tile"]
 
 _ELEVATION_NORMS = ("per_tile", "band_stats")
 
@@ -92,6 +92,34 @@ def standardize_per_tile(
             mean[i], std[i] = trimmed(flat[i][:, vflat[i]])
     out = (x - mean[:, :, None, None].astype(np.float32)) / std[:, :, None, None].astype(np.float32)
     return out.astype(np.float32, copy=False)
+
+
+def domain_record(name: str, *, per_tile: bool = False, stats: dict | None = None) -> dict:
+    """The description of one domain that checkpoints store (an entry of :meth:`MMEarthDataset.domain_info`).
+
+    Args:
+        name: Domain name (an output-only domain is described with its source's modality).
+        per_tile: A continuous domain standardised per tile (``data.elevation_norm`` ``per_tile``).
+        stats: ``{stats key: {"mean": [...], "std": [...]}}`` per band of the domain, as used to z-score it.
+
+    Returns:
+        ``{"modality", "bands", "kind", "level", "units", "source", "normalization", "stats", "class_names",
+        "class_values", "nodata"}``: ``normalization`` is ``band_stats``, ``per_tile``, ``class ids`` or ``raw``.
+    """
+    d = get_domain(name)
+    mod = get_modality(get_domain(d.source).modality if d.source else d.modality)
+    if mod.kind != "continuous":
+        norm = "class ids" if mod.kind in ("categorical", "onehot") else "raw"
+    else:
+        norm = "per_tile" if per_tile else "band_stats"
+    labels = mod.kind != "continuous"
+    return {
+        "modality": mod.name, "bands": list(d.bands), "kind": d.kind, "level": d.level, "units": mod.units,
+        "source": d.source, "normalization": norm, "stats": dict(stats or {}),
+        "class_names": list(d.class_names if d.kind == "categorical" else mod.class_names) if labels else [],
+        "class_values": list(d.class_values if d.kind == "categorical" else mod.class_values) if labels else [],
+        "nodata": [str(v) for v in mod.nodata],
+    }
 
 
 class MMEarthDataset(Dataset):
@@ -263,22 +291,9 @@ class MMEarthDataset(Dataset):
         for name in self.domains:
             d = get_domain(name)
             plan = plans[d.source or d.name]
-            mod = plan.modality
-            if mod.kind != "continuous":
-                norm = "class ids" if mod.kind in ("categorical", "onehot") else "raw"
-            else:
-                norm = "per_tile" if plan.per_tile else "band_stats"
-            info[name] = {
-                "modality": mod.name, "bands": list(d.bands), "kind": d.kind, "level": d.level, "units": mod.units,
-                "source": d.source, "normalization": norm,
-                "stats": {k: {"mean": self._stats[k]["mean"][plan.idx].tolist(),
-                              "std": self._stats[k]["std"][plan.idx].tolist()} for k in plan.stats_keys},
-                "class_names": list(d.class_names if d.kind == "categorical" else mod.class_names)
-                if mod.kind != "continuous" else [],
-                "class_values": list(d.class_values if d.kind == "categorical" else mod.class_values)
-                if mod.kind != "continuous" else [],
-                "nodata": [str(v) for v in mod.nodata],
-            }
+            stats = {k: {"mean": self._stats[k]["mean"][plan.idx].tolist(),
+                         "std": self._stats[k]["std"][plan.idx].tolist()} for k in plan.stats_keys}
+            info[name] = domain_record(name, per_tile=plan.per_tile, stats=stats)
         return info
 
     # ------------------------------------------------------------------ worker-side file handle
