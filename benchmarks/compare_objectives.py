@@ -312,16 +312,19 @@ def plots(cfg: dict, summary: dict, out: Path) -> list[Path]:
     rows = summary["rows"]
     paths = []
     if rows:
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) * max(1, len(recipes)) / 2), 4.2))
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(rows) * max(2, len(recipes))), 5.0))
         width = 0.8 / max(1, len(recipes))
         x = np.arange(len(rows))
         for i, name in enumerate(recipes):
             means = [r["cells"][name]["mean"] if r["cells"][name]["n"] else 0.0 for r in rows]
             errs = [r["cells"][name]["spread"] or 0.0 for r in rows]
-            ax.bar(x + (i - (len(recipes) - 1) / 2) * width, means, width, yerr=errs, label=name, capsize=2)
-        labels = [f"{r['task']}\n{r['protocol']}\n{'+'.join(r['inputs']) if isinstance(r['inputs'], list) else r['inputs']}"
-                  for r in rows]
-        ax.set_xticks(x, labels, fontsize=6)
+            ax.bar(x + (i - (len(recipes) - 1) / 2) * width, means, width, yerr=errs if any(errs) else None,
+                   label=name, capsize=2)
+
+        def short(inputs):  # "s2_rgb+s2_nir+s1" -> "rgb+nir+s1": the labels stay readable
+            return "+".join(d.removeprefix("s2_") for d in inputs) if isinstance(inputs, list) else str(inputs)
+        labels = [f"{r['task']}\n{r['protocol']}\n{short(r['inputs'])}" for r in rows]
+        ax.set_xticks(x, labels, fontsize=6, rotation=30, ha="right")
         ax.set_ylabel("metric on the test split (accuracy / micro-F1 / mIoU)")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
