@@ -3,6 +3,7 @@
 Public entry points (see docs/DESIGN.md for the contracts)::
 
     from multimae import build_encoder, build_pretraining, model_summary
+    from multimae import load_pretrained   # an encoder exported by tools/export_encoder.py
 """
 
 from multimae.adapters import CategoricalAdapter, PatchAdapter, majority_pool, patch_validity
@@ -17,6 +18,7 @@ from multimae.masking import mask_to_ids, random_masks, split_masks
 from multimae.objectives import OBJECTIVES, Objective, build_objective, get_objective
 from multimae.objectives.multimae import MultiMAEObjective
 from multimae.pos_embed import sincos_pos_embed_2d, sincos_pos_embed_coords
+from multimae.pretrained import load_pretrained, read_pretrained_config, save_pretrained
 
 __all__ = [
     "PRESETS",
@@ -47,6 +49,9 @@ __all__ = [
     "export_timm_state_dict",
     "load_timm_state_dict",
     "timm_vit_kwargs",
+    "load_pretrained",
+    "read_pretrained_config",
+    "save_pretrained",
     "DOMAINS",
     "MODALITIES",
     "IGNORE_INDEX",
