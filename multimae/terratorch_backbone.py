@@ -14,9 +14,11 @@ Importing this module registers the factory :func:`multimae_eo` in TerraTorch's 
           backbone_bands: {S2L2A: [B02, B03, B04, B08, B8A], S1RTC: [asc_VV, asc_VH]}
           ...
 
-The module must be imported before TerraTorch builds the model: list its folder in TerraTorch's
-``custom_modules_path`` or import it yourself (``import multimae.terratorch_backbone``). ``multimae`` itself does
-not import it (TerraTorch is an optional extra). ``cfgs/terratorch/terramesh_lulc.yaml`` is a complete example.
+The module must be imported before TerraTorch builds the model: run TerraTorch's command line through it
+(``python -m multimae.terratorch_backbone fit -c CONFIG``), import it yourself (``import
+multimae.terratorch_backbone``), or give TerraTorch's ``custom_modules_path`` a package folder whose
+``__init__.py`` imports it (TerraTorch imports that package). ``multimae`` itself does not import it (TerraTorch
+is an optional extra). ``cfgs/terratorch/terramesh_lulc.yaml`` is a complete example.
 
 The backbone returns one feature map per chosen block (TerraTorch's ``out_channels`` convention): the patch
 tokens of every input domain after that block, each domain's (B, D, h, w) grid, concatenated over domains
