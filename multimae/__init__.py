@@ -3,6 +3,7 @@
 Public entry points (see docs/DESIGN.md for the contracts)::
 
     from multimae import build_encoder, build_pretraining, model_summary
+    from multimae import load_pretrained   # an encoder exported by tools/export_encoder.py
 
 Names are imported on first use (PEP 562), so ``import multimae.domains`` (the pure-Python registry, used by
 the converter) does not import torch.
@@ -30,6 +31,7 @@ _EXPORTS = {
     "get_objective": "objectives",
     "MultiMAEObjective": "objectives.multimae",
     "sincos_pos_embed_2d": "pos_embed", "sincos_pos_embed_coords": "pos_embed",
+    "load_pretrained": "pretrained", "read_pretrained_config": "pretrained", "save_pretrained": "pretrained",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -102,7 +102,7 @@ def test_wheel_contents_and_installed_defaults(tmp_path):
     # The extracted wheel is what site-packages holds; run from a folder that is neither the repo nor the wheel.
     probe = (
         "import json, multimae, utils.config as c\n"
-        "from multimae.build import build_multimae\n"
+        "from multimae import load_pretrained  # the export reader, importable from an installed package\n"
         "print(json.dumps([multimae.__file__, str(c.DEFAULTS_PATH), c.load_config(None, [])['model']]))\n"
     )
     elsewhere = tmp_path / "elsewhere"
