@@ -43,6 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from utils.checkpoint import code_commit  # noqa: E402
 from utils.config import ConfigError, load_config, total_batch_size  # noqa: E402
 from utils.logger import read_log  # noqa: E402
 
@@ -352,14 +353,6 @@ def plots(cfg: dict, summary: dict, out: Path) -> list[Path]:
     return paths
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 # ---------------------------------------------------------------------- driver
 def run_comparison(config_path: str | Path) -> dict:
     """Run (or resume) a comparison; returns what ``results.json`` holds.
@@ -393,7 +386,7 @@ def run_comparison(config_path: str | Path) -> dict:
     summary = summarise(cfg, pretraining, evaluations)
     table = markdown_table(cfg, summary)
     results = {"config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "config_file": cfg["_path"],
-               "code_commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "code_commit": code_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "pretraining": {f"{n}/seed{s}": p for (n, s), p in pretraining.items()},
                "evaluations": evaluations, "summary": summary}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

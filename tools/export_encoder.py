@@ -16,38 +16,18 @@ checkpoint's does.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import multimae  # noqa: E402
 from multimae.encoder import MultiModalEncoder  # noqa: E402
 from multimae.pretrained import save_pretrained  # noqa: E402
-from utils.checkpoint import CheckpointError, load_state_checked, read_checkpoint  # noqa: E402
+from utils.checkpoint import CheckpointError, code_commit, load_state_checked, read_checkpoint  # noqa: E402
 from utils.config import user_errors  # noqa: E402
 
-__all__ = ["export_encoder", "code_commit", "main"]
-
-
-def code_commit(folder: str | Path | None = None) -> str:
-    """The git commit of the code in ``folder`` (default: the ``multimae`` package), ``<sha>-dirty`` when tracked
-    files differ from it, or ``"unknown"`` outside a git checkout (an installed package)."""
-    folder = Path(folder) if folder is not None else Path(multimae.__file__).resolve().parent
-
-    def git(*args: str) -> str | None:
-        try:
-            proc = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return proc.stdout.strip() if proc.returncode == 0 else None
-
-    sha = git("rev-parse", "HEAD")
-    if not sha:
-        return "unknown"
-    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+__all__ = ["export_encoder", "main"]
 
 
 def _package_version() -> str | None:
@@ -90,7 +70,8 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bo
     try:
         return save_pretrained(encoder, out_dir, domains=entry.get("domains") or {},
                                objective={"name": name, "config": cfg.get(name)}, pretraining=pretraining,
-                               code_commit=code_commit(), code_version=_package_version(), overwrite=overwrite)
+                               code_commit=state.get("code_commit") or code_commit(), code_version=_package_version(),
+                               overwrite=overwrite)
     except FileExistsError as err:
         raise ValueError(f"{err}; use --overwrite") from None
     except ValueError as err:

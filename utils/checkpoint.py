@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from pathlib import Path
 from typing import Iterable
 
@@ -320,3 +321,22 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
             groups.append({**g_saved, "names": list(g_own["names"]), "params": params})
         state = {"state": per_param, "param_groups": groups}
     optimizer.load_state_dict(state)
+
+
+def code_commit(folder: str | Path | None = None) -> str:
+    """The git commit of the code in ``folder`` (default: this package's), ``<sha>-dirty`` when tracked files
+    differ from it, or ``"unknown"`` outside a git checkout (an installed package). Recorded in checkpoints, so an
+    export names the code that trained the weights."""
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return "unknown"
+    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")

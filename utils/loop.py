@@ -190,6 +190,7 @@ class TrainLoop:
         self.lr = effective_lr(cfg, info.world_size)
         self.progress = Progress()
         self.flops_per_step: float | None = None
+        self.code_commit = ckpt.code_commit()
         task.loop = self
 
     # ------------------------------------------------------------------ checkpoints
@@ -204,7 +205,8 @@ class TrainLoop:
         sampler = {**self.task.train_loader.sampler.state_dict(), "epoch": p.epoch, "start": self._samples_done()}
         return {"format_version": ckpt.FORMAT_VERSION, "kind": self.task.kind, **self.task.state(),
                 **self.task.engine.state_dict(), "step": p.step, "epoch": p.epoch, "epoch_step": p.epoch_step,
-                "steps_per_epoch": self.steps_per_epoch, "rng": rngs, "sampler": sampler, "config": self.cfg}
+                "steps_per_epoch": self.steps_per_epoch, "rng": rngs, "sampler": sampler, "config": self.cfg,
+                "code_commit": self.code_commit}
 
     def save(self, *names: str) -> None:
         """Write the checkpoint atomically under each of ``names`` in the output folder (rank 0; all ranks call)."""
