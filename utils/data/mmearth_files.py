@@ -125,7 +125,8 @@ def load_band_stats(path: Path, needed: dict[str, Modality], used_bands: dict[st
         used_bands: Stats key -> band indices actually normalised (their std must be > 0).
 
     Returns:
-        Stats key -> ``{"mean": float64 (C,), "std": float64 (C,)}``.
+        Stats key -> ``{"mean": float64 (C,), "std": float64 (C,)}``, plus ``"count"`` int64 (C,) (valid pixels
+        per band) when the file records it (the converter's files do, MMEarth's do not).
 
     Raises:
         KeyError: a needed key, or its ``mean`` / ``std`` entry, is missing (lists the keys present).
@@ -147,6 +148,9 @@ def load_band_stats(path: Path, needed: dict[str, Modality], used_bands: dict[st
                     f"{len(mod.bands)} bands ({', '.join(mod.bands)})"
                 )
             entry[field] = vals
+        count = data[key].get("count")
+        if isinstance(count, list) and len(count) == len(mod.bands):
+            entry["count"] = np.asarray(count, dtype=np.int64)
         for i in used_bands.get(key, ()):
             m, s = entry["mean"][i], entry["std"][i]
             if not (math.isfinite(m) and math.isfinite(s) and s > 0):
