@@ -182,6 +182,9 @@ def test_spec_errors_name_the_file_and_key(tmp_path):
                                          r"\(sources\.S2: B02, B03, B04, B08\)"):
         _build(_cfg(src, spec), "train", domains=["s2_nir"])
 
+    with pytest.raises(ValueError, match=r"geotiff\.tile_size 8 is smaller than data\.input_size 16"):
+        _build(_cfg(src, spec, "geotiff.tile_size=8"), "train")
+
     bad = copy.deepcopy(SPEC)
     del bad["label"]["classes"]
     write_spec(spec, bad)

@@ -128,3 +128,51 @@ def test_predict_refuses_a_checkpoint_without_geotiff_label(tmp_path, mmearth_fi
                                            "in_domains=[s2_rgb]"]))
     with pytest.raises(CheckpointError, match="holds no label description .* finetune.dataset=geotiff"):
         load_predictor(out / "checkpoint-last.pth")
+
+
+def test_classification_model_paints_each_tiles_class_over_its_share(tmp_path):
+    from tests.test_geotiff_dataset import _classification
+
+    labels = ["dry", "wet", "wet", "dry", "dry", "wet"]
+    src, spec = _classification(tmp_path, [f"chip{i},{c}" for i, c in enumerate(labels)])
+    out = tmp_path / "run"
+    run_finetuning.main(_cfg(src, spec, "geotiff.splits={train: 0.5, val: 0.5, test: 0.0}", "epochs=1",
+                             "batch_size=3", f"output_dir={out}"))
+    pred = load_predictor(out / "checkpoint-last.pth")
+    big = tmp_path / "big"
+    write_scene(big, "big", 40, 40, seed=9, label=False)
+    scene = open_scene(pred.reader.spec.scenes, find_scenes(pred.reader.spec.scenes, big)[0])
+    try:
+        probs, observed = predict_scene(pred, scene, overlap=4)
+        starts = tile_starts(40, 16, 4)
+        for r, (r0, r1) in zip(starts, tile_shares(starts, 16, 40)):
+            for c, (c0, c1) in zip(starts, tile_shares(starts, 16, 40)):
+                x, v = pred.reader.read(scene, Window(c, r, 16, 16))
+                alone = pred.probabilities({d: a[None] for d, a in x.items()}, {d: a[None] for d, a in v.items()})[0]
+                share = probs[:, r0:r1, c0:c1]
+                np.testing.assert_allclose(share, np.broadcast_to(alone[:, :1, :1], share.shape), atol=1e-5)
+    finally:
+        scene.close()
+    assert pred.task == "classification" and observed.all()
+
+
+@pytest.mark.slow
+def test_terramesh_worked_example_end_to_end(shared_data_dir, tmp_path, capsys):
+    """The README's worked example, shortened to 4 epochs: GeoTIFFs -> fine-tuned model -> GeoTIFF maps."""
+    data = shared_data_dir / "terramesh_examples"
+    if not data.is_dir():
+        pytest.skip(f"{data} absent")
+    out = tmp_path / "ft"
+    res = run_finetuning.main(load_config("cfgs/finetune/terramesh_lulc.yaml",
+                                          [f"data_path={data}", f"output_dir={out}", "epochs=4"]))
+    maps = tmp_path / "maps"
+    run_finetuning.cli(["--predict", "--checkpoint", str(out / "checkpoint-best.pth"), "--src", str(data),
+                        "--out", str(maps)])
+    summary = json.loads((maps / "predictions.json").read_text())
+    assert len(summary["scenes"]) == 5
+    for scene in summary["scenes"]:
+        with rasterio.open(data / "S2L2A" / f"{scene}.tif") as a, rasterio.open(maps / f"{scene}.tif") as b:
+            assert (b.crs, b.transform, b.shape) == (a.crs, a.transform, a.shape)
+    test = summary["evaluation"]["test"]
+    assert test["miou"] > test["majority_miou"] and res["metrics"]["test"]["miou"] > test["majority_miou"]
+    assert "rangeland" in capsys.readouterr().out

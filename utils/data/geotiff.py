@@ -41,7 +41,6 @@ once when the data is surveyed; its pixels are all invalid (zero inputs, no vali
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 from collections import OrderedDict
@@ -63,6 +62,7 @@ from utils.data.geotiff_spec import (
     read_spec_yaml, to_stored,
 )
 from utils.data.mmearth import standardize_per_tile
+from utils.data.mmearth_files import read_json_object
 from utils.data.mmearth_writer import BandStats, make_splits
 
 __all__ = [
@@ -528,12 +528,7 @@ def _read_table(spec: FinetuneSpec, root: Path) -> dict[str, list[str]]:
     multi = lab.task == "multilabel"
     out: dict[str, list[str]] = {}
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConversionError(f"{path}: not valid JSON ({err}) [spec label.file]") from None
-        if not isinstance(data, dict):
-            raise ConversionError(f"{path}: must be a JSON object {{scene: class{' or [classes]' if multi else ''}}}")
+        data = read_json_object(path)
         for scene, value in data.items():
             items = value if isinstance(value, list) else [value]
             if isinstance(value, list) and not multi:
@@ -613,13 +608,10 @@ def _assign(cfg_split: dict, chips: list[Chip], keep: list[int], seed: int) -> d
     """Split name -> chip positions, from the split file or drawn fractions (see the module docstring)."""
     if cfg_split["split_file"]:
         path = Path(cfg_split["split_file"])
-        try:
-            data = json.loads(path.read_text())
-        except OSError as err:
-            raise FileNotFoundError(f"geotiff.split_file: cannot read {path} ({err.strerror})") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"geotiff.split_file {path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict) or set(data) - set(SPLITS) or "train" not in data:
+        if not path.is_file():
+            raise FileNotFoundError(f"geotiff.split_file: no file {path}")
+        data = read_json_object(path)
+        if set(data) - set(SPLITS) or "train" not in data or not all(isinstance(v, list) for v in data.values()):
             raise ValueError(f"geotiff.split_file {path}: must be a JSON object with lists 'train' and optionally "
                              f"'val', 'test' of scene names or chip ids")
         by_id = {c.id: i for i, c in enumerate(chips)}
@@ -789,6 +781,9 @@ def catalogue(cfg: dict, in_domains: list[str]) -> GeoTiffCatalogue:
     except OSError as err:
         raise FileNotFoundError(f"geotiff.spec: cannot read {spec_path} ({err.strerror})") from None
     tile = int(g["tile_size"] or cfg["data"]["input_size"])
+    if tile < cfg["data"]["input_size"] and not cfg["data"]["resize"]:
+        raise ValueError(f"geotiff.tile_size {tile} is smaller than data.input_size {cfg['data']['input_size']}: "
+                         f"chips are cropped to the input size; raise geotiff.tile_size or set data.resize=true")
     return _catalogue(str(spec_path), text, str(Path(cfg["data_path"]).resolve()), tuple(in_domains), tile,
                       g["split_file"], tuple(sorted(g["splits"].items())), g["split_by"], int(cfg["seed"]),
                       cfg["data"]["elevation_norm"])
