@@ -356,7 +356,13 @@ def main(cfg: dict) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """Command-line entry point: ``--config FILE key=value ...``."""
+    """Command-line entry point: ``--config FILE key=value ...``; ``--predict ...`` writes maps (utils/predict.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--predict" in argv:
+        from utils.predict import main as predict
+
+        predict([a for a in argv if a != "--predict"])
+        return
     args = build_arg_parser(__doc__.splitlines()[0]).parse_args(argv)
     main(config_from_args(args))
 

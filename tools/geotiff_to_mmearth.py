@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from multimae.domains import MODALITIES, band_indices  # noqa: E402
 from utils.data.geotiff_spec import (  # noqa: E402
-    ConversionError, ConversionSpec, Scene, SceneRef, SourceSpec, find_scenes, load_spec, open_scene,
+    ConversionError, ConversionSpec, Scene, SceneRef, SourceSpec, find_scenes, load_spec, open_scene, to_stored,
 )
 from utils.data.mmearth_files import invalid_mask  # noqa: E402
 from utils.data.mmearth_writer import MMEarthWriter, check_target, make_splits  # noqa: E402
@@ -91,41 +91,6 @@ def slope_degrees(elevation: np.ndarray, transform, crs, lat: float) -> np.ndarr
     return slope
 
 
-def _to_stored(x: np.ndarray, src: SourceSpec, nodata, offset: float, label: str, counts: dict) -> np.ndarray:
-    """Raw raster values (float64) -> stored MMEarth values (float64, NaN = no-data)."""
-    mod = MODALITIES[src.modality]
-    invalid = ~np.isfinite(x)
-    counts["NaN / inf or no source pixel"] = counts.get("NaN / inf or no source pixel", 0) + int(invalid.sum())
-    if nodata is not None:
-        invalid |= x == nodata
-    if src.remap is not None:
-        codes = np.unique(x[~invalid])
-        unknown = [c for c in codes.tolist() if c not in src.remap]
-        if unknown:
-            raise ConversionError(f"{label}: class ids {unknown[:10]} are not in spec "
-                                  f"sources.{src.name}.remap; add them (null = no-data)")
-        y = np.full(x.shape, np.nan)
-        for code, stored in src.remap.items():
-            if stored is not None:
-                y[(x == code) & ~invalid] = stored
-        return y
-    y = x * src.scale + offset
-    integer = np.dtype(mod.dtype).kind in "iu"
-    info = np.iinfo(mod.dtype) if integer else np.finfo(mod.dtype)
-    if integer:
-        y = np.rint(y)
-    out_of_range = ~invalid & ((y < info.min) | (y > info.max))
-    counts["out of dtype range"] = counts.get("out of dtype range", 0) + int(out_of_range.sum())
-    y[invalid | out_of_range] = np.nan
-    kept = ~np.isnan(y)
-    collide = np.zeros(y.shape, bool)
-    collide[kept] = invalid_mask(mod, y[kept].astype(mod.dtype))  # e.g. DN 1000 - 1000 = 0 = S2 no-data
-    key = "equal to a stored no-data value after scale / offset"
-    counts[key] = counts.get(key, 0) + int(collide.sum())
-    y[collide] = np.nan
-    return y
-
-
 def _read_strip(scene: Scene, src: SourceSpec, box: tuple[int, int, int, int], lat: float,
                 counts: dict) -> np.ndarray:
     """One source's grid window ``box`` = (row, col, height, width) as (C, height, width) stored values
@@ -141,7 +106,7 @@ def _read_strip(scene: Scene, src: SourceSpec, box: tuple[int, int, int, int], l
     for band, channel in zip(bands, scene.channels[src.name]):
         if band is not None and channel is not None:
             x, nodata, label = band
-            out[channel] = _to_stored(x, src, nodata, scene.offsets[src.name], label, src_counts)
+            out[channel] = to_stored(x, src, nodata, scene.offsets[src.name], label, src_counts)
     if src.slope:
         elevation = out[band_indices("aster", ["elevation"])[0]]
         out[_SLOPE] = np.rint(slope_degrees(elevation, scene.transform, scene.crs, lat))

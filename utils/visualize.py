@@ -34,7 +34,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from multimae.criterion import norm_pix_target  # noqa: E402
 from multimae.domains import IGNORE_INDEX, get_domain  # noqa: E402
 
-__all__ = ["save_pictures", "save_reconstructions"]
+__all__ = ["save_pictures", "save_reconstructions", "save_prediction_preview"]
 
 _GREY = np.array([0.55, 0.55, 0.55])
 _MIN_HALF_RANGE = 0.25  # z-score units
@@ -186,3 +186,43 @@ def save_reconstructions(folder: str | Path, tag: str, inputs: dict[str, torch.T
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def save_prediction_preview(path: str | Path, classes: np.ndarray, class_names: list[str], class_colors: list[str],
+                            *, image: np.ndarray | None = None, image_valid: np.ndarray | None = None,
+                            title: str = "") -> Path:
+    """A PNG of a predicted class map with a legend of the classes present, beside the input image if given.
+
+    Args:
+        path: The PNG to write.
+        classes: (H, W) int class ids, ``IGNORE_INDEX`` (black) where there is no prediction.
+        class_names, class_colors: Per class id, name and RGB hex colour.
+        image: Optional (C, H, W) input values (e.g. Sentinel-2 B04, B03, B02), shown as RGB with a 2-98 %
+            stretch over ``image_valid`` (bool (H, W)).
+        title: Figure title.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    panels = []
+    if image is not None:
+        ok = np.ones(classes.shape, bool) if image_valid is None else image_valid
+        lo, hi = _stretch_limits(image, ok)
+        panels.append(("input", np.where(ok[..., None], _to_rgb(image, lo, hi), 0.0)))
+    panels.append(("predicted classes", _class_rgb(classes, tuple(class_colors))))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.8, 4.4), squeeze=False)
+    for ax, (name, img) in zip(axes[0], panels):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(name, fontsize=9)
+    present = np.unique(classes[classes >= 0]).tolist()
+    handles = [Patch(color=class_colors[i], label=class_names[i]) for i in present]
+    if (classes == IGNORE_INDEX).any():
+        handles.append(Patch(color="black", label="no data"))
+    axes[0, -1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

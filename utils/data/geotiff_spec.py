@@ -100,10 +100,11 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from multimae.domains import MODALITIES, band_indices, canonical_band_name, get_modality
+from utils.data.mmearth_files import invalid_mask
 
 __all__ = [
-    "ConversionError", "PathPattern", "OffsetRule", "SourceSpec", "ConversionSpec", "load_spec",
-    "SourceEntry", "SceneRef", "find_scenes", "Scene", "open_scene",
+    "ConversionError", "PathPattern", "OffsetRule", "SourceSpec", "ConversionSpec", "load_spec", "read_spec_yaml",
+    "parse_spec", "SourceEntry", "SceneRef", "find_scenes", "Scene", "open_scene", "to_stored",
 ]
 
 _SOURCE_KEYS = {"folder", "modality", "bands", "s2_type", "remap", "slope", "nodata", "scale", "offset",
@@ -508,13 +509,11 @@ def _parse_scenes(path, raw, sources: tuple[SourceSpec, ...]) -> tuple[tuple[str
     return tuple(match), pair, None if max_days is None else float(max_days)
 
 
-def load_spec(path) -> ConversionSpec:
-    """Read and validate a converter spec.
+def read_spec_yaml(path) -> dict:
+    """The YAML mapping of a spec file.
 
     Raises:
-        ConversionError: unreadable YAML, unknown keys, an unknown modality or band name (the message
-            lists the valid ones), a bad remap, pattern, offset rule or resampling method, scene fields
-            that not every source has, or two sources writing the same channel.
+        ConversionError: the file cannot be read, is not YAML, or is not a mapping with ``sources``.
     """
     path = Path(path)
     try:
@@ -523,10 +522,39 @@ def load_spec(path) -> ConversionSpec:
         raise ConversionError(f"cannot read spec {path}: {err}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("sources"), dict) or not raw["sources"]:
         raise ConversionError(f"spec {path}: needs a non-empty 'sources' mapping (folder -> modality, bands)")
-    unknown = set(raw) - _TOP_KEYS
+    return raw
+
+
+def load_spec(path) -> ConversionSpec:
+    """Read and validate a converter spec.
+
+    Raises:
+        ConversionError: unreadable YAML, unknown keys, an unknown modality or band name (the message
+            lists the valid ones), a bad remap, pattern, offset rule or resampling method, scene fields
+            that not every source has, or two sources writing the same channel.
+    """
+    return parse_spec(read_spec_yaml(path), path)
+
+
+def parse_spec(raw: dict, path, extra_keys: tuple[str, ...] = (),
+               extra_sources: tuple[SourceSpec, ...] = ()) -> ConversionSpec:
+    """Validate a spec's YAML mapping (:func:`read_spec_yaml`); see :func:`load_spec`.
+
+    Args:
+        raw: The mapping.
+        path: The spec file, for messages.
+        extra_keys: Top-level keys another reader consumes (skipped here, listed as valid in errors).
+        extra_sources: Sources parsed by another reader (the fine-tuning label raster of
+            :mod:`utils.data.geotiff`, whose ``modality`` is not a registry modality), appended after the
+            spec's own: they take part in scene discovery, pairing and grid reading like any source.
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("sources"), dict) or not raw["sources"]:
+        raise ConversionError(f"spec {path}: needs a non-empty 'sources' mapping (folder -> modality, bands)")
+    unknown = set(raw) - _TOP_KEYS - set(extra_keys)
     if unknown:
-        raise _fail(path, "top level", f"unknown keys {sorted(unknown)}; valid keys: {sorted(_TOP_KEYS)}")
-    sources = tuple(_parse_source(path, str(k), v) for k, v in raw["sources"].items())
+        raise _fail(path, "top level", f"unknown keys {sorted(unknown)}; valid keys: "
+                    f"{sorted(_TOP_KEYS | set(extra_keys))}")
+    sources = tuple(_parse_source(path, str(k), v) for k, v in raw["sources"].items()) + tuple(extra_sources)
     owner: dict[tuple[str, int], str] = {}
     for src in sources:
         if src.modality == "sentinel2":
@@ -765,6 +793,8 @@ def _close_all(opened: list) -> None:
 
 def _check_descriptions(spec: ConversionSpec, s: SourceSpec, ds, path: Path) -> None:
     """Reject a raster whose band descriptions name its bands in another order than the spec."""
+    if s.modality not in MODALITIES:
+        return  # an extra source (a label raster): its band is not a registry band
     mod = MODALITIES[s.modality]
     desc = [canonical_band_name(mod.name, d) if d else None for d in ds.descriptions]
     if not all(d in mod.bands for d in desc):
@@ -949,3 +979,57 @@ def open_scene(spec: ConversionSpec, ref: SceneRef) -> Scene:
     crs, transform, shape, _ = grid
     return Scene(ref.name, shape[0], shape[1], crs, transform, dates, channels, offsets, fields, paths,
                  resampled, bands, opened)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def to_stored(x: np.ndarray, src: SourceSpec, nodata, offset: float, label: str, counts: dict) -> np.ndarray:
+    """Raw raster values of one band -> the values MMEarth stores (float64, NaN = no-data).
+
+    NaN / inf, the raw ``nodata`` value, values outside the stored dtype (after ``scale`` and ``offset``,
+    rounded for integer dtypes) and values equal to a stored no-data value become NaN; a categorical
+    source's class ids go through its ``remap``.
+
+    Args:
+        x: (h, w) float64 raw values (:meth:`Scene.read`).
+        src: The band's source.
+        nodata: Raw no-data value to mask, or None.
+        offset: The scene's value offset of the source (:attr:`Scene.offsets`).
+        label: "<file> band <i>", for messages.
+        counts: Reason -> number of pixels made no-data, updated in place.
+
+    Raises:
+        ConversionError: a class id absent from the source's ``remap``.
+    """
+    mod = MODALITIES[src.modality]
+    invalid = ~np.isfinite(x)
+    counts["NaN / inf or no source pixel"] = counts.get("NaN / inf or no source pixel", 0) + int(invalid.sum())
+    if nodata is not None:
+        invalid |= x == nodata
+    if src.remap is not None:
+        codes = np.unique(x[~invalid])
+        unknown = [c for c in codes.tolist() if c not in src.remap]
+        if unknown:
+            raise ConversionError(f"{label}: class ids {unknown[:10]} are not in spec "
+                                  f"sources.{src.name}.remap; add them (null = no-data)")
+        y = np.full(x.shape, np.nan)
+        for code, stored in src.remap.items():
+            if stored is not None:
+                y[(x == code) & ~invalid] = stored
+        return y
+    y = x * src.scale + offset
+    integer = np.dtype(mod.dtype).kind in "iu"
+    info = np.iinfo(mod.dtype) if integer else np.finfo(mod.dtype)
+    if integer:
+        y = np.rint(y)
+    out_of_range = ~invalid & ((y < info.min) | (y > info.max))
+    counts["out of dtype range"] = counts.get("out of dtype range", 0) + int(out_of_range.sum())
+    y[invalid | out_of_range] = np.nan
+    kept = ~np.isnan(y)
+    collide = np.zeros(y.shape, bool)
+    collide[kept] = invalid_mask(mod, y[kept].astype(mod.dtype))  # e.g. DN 1000 - 1000 = 0 = S2 no-data
+    key = "equal to a stored no-data value after scale / offset"
+    counts[key] = counts.get(key, 0) + int(collide.sum())
+    y[collide] = np.nan
+    return y

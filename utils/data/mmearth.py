@@ -17,6 +17,7 @@ Speed: one-chunk-per-sample gzip rows are read as raw chunks and inflated with l
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from utils.data.mmearth_files import (
 __all__ = ["MMEarthDataset", "domain_record", "standardize_per_tile"]
 
 _ELEVATION_NORMS = ("per_tile", "band_stats")
+_REPORTED: set[tuple[str, str]] = set()  # (file, domain) already reported without any valid pixel
 
 
 @dataclass
@@ -246,6 +248,7 @@ class MMEarthDataset(Dataset):
             plans.append(plan)
         stats = load_band_stats(self.files.band_stats, needed, used)
         self._stats = stats
+        self._report_empty(plans, stats)
         for plan in plans:
             if not plan.stats_keys:
                 continue
@@ -257,6 +260,19 @@ class MMEarthDataset(Dataset):
             plan.scale = (1.0 / std).astype(np.float32)
             plan.offset = (-mean / std).astype(np.float32)
         return plans
+
+    def _report_empty(self, plans: list[_Plan], stats: dict) -> None:
+        """Report once per process each domain whose bands have no valid pixel in the whole file set (band-stats
+        ``count`` 0): it is all no-data, so the objectives' masked losses give it no loss."""
+        for plan in plans:
+            counts = [stats[k]["count"][plan.idx] for k in plan.stats_keys if "count" in stats[k]]
+            key = (str(self.files.h5), plan.domain.name)
+            if counts and len(counts) == len(plan.stats_keys) and not any(c.any() for c in counts) \
+                    and key not in _REPORTED:
+                _REPORTED.add(key)
+                print(f"warning: domain {plan.domain.name!r} ({plan.modality.name} {', '.join(plan.domain.bands)}) has "
+                      f"no valid pixel in the whole file set {self.files.h5} (band stats count 0 in "
+                      f"{self.files.band_stats.name}): it is all no-data and contributes no loss", file=sys.stderr)
 
     # ------------------------------------------------------------------ public helpers
     @property

@@ -17,7 +17,7 @@ import numpy as np
 from multimae.domains import Modality
 
 __all__ = ["MMEarthFiles", "resolve_fileset", "load_splits", "load_band_stats", "read_s2_products",
-           "check_modality_dataset", "invalid_mask", "S2_PRODUCTS"]
+           "check_modality_dataset", "invalid_mask", "read_json_object", "S2_PRODUCTS"]
 
 #: Sentinel-2 product levels, in the order of the product codes used by the dataset (0 = l1c, 1 = l2a).
 S2_PRODUCTS = ("l1c", "l2a")
@@ -87,7 +87,12 @@ def resolve_fileset(data_path: str | Path) -> MMEarthFiles:
     return MMEarthFiles(h5, side["band_stats"], side["splits"], side["tile_info"] if side["tile_info"].is_file() else None)
 
 
-def _load_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object.
+
+    Raises:
+        ValueError: not valid JSON, or not an object at the top level (names the file).
+    """
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -104,7 +109,7 @@ def load_splits(path: Path, num_rows: int) -> dict[str, np.ndarray]:
         ValueError: a split is not a list of integers in ``[0, num_rows)`` (names file, split, value).
     """
     out = {}
-    for name, rows in _load_json(path).items():
+    for name, rows in read_json_object(path).items():
         arr = np.asarray(rows)
         if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
             raise ValueError(f"{path}: split {name!r} must be a list of integer HDF5 row indices")
@@ -125,13 +130,14 @@ def load_band_stats(path: Path, needed: dict[str, Modality], used_bands: dict[st
         used_bands: Stats key -> band indices actually normalised (their std must be > 0).
 
     Returns:
-        Stats key -> ``{"mean": float64 (C,), "std": float64 (C,)}``.
+        Stats key -> ``{"mean": float64 (C,), "std": float64 (C,)}``, plus ``"count"`` int64 (C,) (valid pixels
+        per band) when the file records it (the converter's files do, MMEarth's do not).
 
     Raises:
         KeyError: a needed key, or its ``mean`` / ``std`` entry, is missing (lists the keys present).
         ValueError: wrong number of values, non-finite values, or a zero std on a used band.
     """
-    data = _load_json(path)
+    data = read_json_object(path)
     out = {}
     for key, mod in needed.items():
         if key not in data:
@@ -147,6 +153,9 @@ def load_band_stats(path: Path, needed: dict[str, Modality], used_bands: dict[st
                     f"{len(mod.bands)} bands ({', '.join(mod.bands)})"
                 )
             entry[field] = vals
+        count = data[key].get("count")
+        if isinstance(count, list) and len(count) == len(mod.bands):
+            entry["count"] = np.asarray(count, dtype=np.int64)
         for i in used_bands.get(key, ()):
             m, s = entry["mean"][i], entry["std"][i]
             if not (math.isfinite(m) and math.isfinite(s) and s > 0):

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from utils.data.bigearthnet import BigEarthNetDataset
 from utils.data.geobench import GEOBENCH_TASKS, GeoBenchDataset
+from utils.data.geotiff import GeoTiffDataset, catalogue
 from utils.data.mmearth_seg import MMEarthSegDataset
 
 __all__ = ["DatasetKind", "FINETUNE_DATASETS", "get_dataset_kind"]
@@ -43,16 +44,33 @@ def _augmentation(cfg: dict, train: bool) -> dict:
     return dict(augment=train, resize=data["resize"], hflip=data["hflip"], seed=cfg["seed"])
 
 
+def _split_option(cfg: dict, split: str, train: bool) -> str:
+    """The config key that chose ``split`` (for the empty-split error)."""
+    if train:
+        return f"data.train_split={split}"
+    return f"data.val_split={split}" if split == cfg["data"]["val_split"] else f"finetune.test_split={split}"
+
+
+def _nonempty(ds: Dataset, cfg: dict, split: str, train: bool, where: str) -> Dataset:
+    """``ds``, or an error naming the split and the option when it holds no sample (an empty evaluation split
+    would report NaN metrics, an empty training split train nothing)."""
+    if len(ds) == 0:
+        off = "" if train else f"; set {_split_option(cfg, split, train).split('=')[0]}='' to run without it"
+        raise ValueError(f"split {split!r} ({_split_option(cfg, split, train)}) of {where} holds no sample{off}")
+    return ds
+
+
 def _mmearth(cfg: dict, in_domains: list[str], split: str, train: bool) -> Dataset | None:
     data = cfg["data"]
     try:
-        return MMEarthSegDataset(cfg["data_path"], in_domains, cfg["finetune"]["target"], split,
-                                 input_size=data["input_size"], elevation_norm=data["elevation_norm"],
-                                 **_augmentation(cfg, train))
+        ds = MMEarthSegDataset(cfg["data_path"], in_domains, cfg["finetune"]["target"], split,
+                               input_size=data["input_size"], elevation_norm=data["elevation_norm"],
+                               **_augmentation(cfg, train))
     except KeyError as err:
         if "unknown split" in str(err) and not train:
             return None
         raise
+    return _nonempty(ds, cfg, split, train, f"{ds.base.files.splits}")
 
 
 def _geobench(cfg: dict, in_domains: list[str], split: str, train: bool) -> Dataset:
@@ -64,8 +82,20 @@ def _geobench(cfg: dict, in_domains: list[str], split: str, train: bool) -> Data
 
 
 def _bigearthnet(cfg: dict, in_domains: list[str], split: str, train: bool) -> Dataset:
-    return BigEarthNetDataset(cfg["data_path"], split, in_domains, cache_dir=Path(cfg["output_dir"]) / "cache",
-                              input_size=cfg["data"]["input_size"], **_augmentation(cfg, train))
+    ds = BigEarthNetDataset(cfg["data_path"], split, in_domains, cache_dir=Path(cfg["output_dir"]) / "cache",
+                            input_size=cfg["data"]["input_size"], **_augmentation(cfg, train))
+    return _nonempty(ds, cfg, split, train, f"BigEarthNet data {cfg['data_path']}")
+
+
+def _geotiff(cfg: dict, in_domains: list[str], split: str, train: bool) -> Dataset | None:
+    cat = catalogue(cfg, in_domains)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"{_split_option(cfg, split, train)}: GeoTIFF data has the splits train, val and test")
+    if split not in cat.splits:
+        if train:
+            raise ValueError(f"{_split_option(cfg, split, train)}: geotiff.split_file lists no such split")
+        return None  # fraction 0, or not in the split file: deliberately absent
+    return GeoTiffDataset(cat, split, input_size=cfg["data"]["input_size"], **_augmentation(cfg, train))
 
 
 def _fixed_splits(cfg: dict) -> dict[str, str]:
@@ -78,6 +108,7 @@ FINETUNE_DATASETS: dict[str, DatasetKind] = {
                            lambda cfg: {"val": cfg["data"]["val_split"], "test": cfg["finetune"]["test_split"]}),
     "geobench": DatasetKind("geobench", _geobench, _fixed_splits),
     "bigearthnet": DatasetKind("bigearthnet", _bigearthnet, _fixed_splits),
+    "geotiff": DatasetKind("geotiff", _geotiff, _fixed_splits),
 }
 
 
