@@ -373,7 +373,7 @@ def fit_logistic(train_x: np.ndarray, train_y: np.ndarray, *, num_classes: int, 
     """
     from sklearn.exceptions import ConvergenceWarning
 
-    if not cs or any(c <= 0 for c in cs):
+    if not cs or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in cs):
         raise ValueError(f"finetune.logistic_c must be a non-empty list of positive numbers, got {cs}")
     multilabel = train_y.ndim == 2
     if multilabel and train_y.shape[1] != num_classes:
