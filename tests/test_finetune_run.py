@@ -246,7 +246,7 @@ def test_geobench_class_names_without_task_specs_come_from_the_converters(tmp_pa
 @pytest.mark.slow
 def test_linear_probe_of_the_demo_checkpoint_finds_the_planted_signal(tmp_path):
     """The issue's acceptance run: m-eurosat fixture with the class signal in B8A and B11 only, the demo
-    pretraining checkpoint, in_domains [s2_nir, s2_swir], the probe's own defaults (about 12 CPU minutes)."""
+    pretraining checkpoint, in_domains [s2_nir, s2_swir], the probe's own defaults."""
     ckpt_path = Path(os.environ.get("MMEARTH_DEMO_CHECKPOINT", REPO / "output/demo/pretrain/checkpoint-last.pth"))
     if not ckpt_path.is_file():
         pytest.skip(f"no demo checkpoint {ckpt_path} (`make demo` writes it; or set MMEARTH_DEMO_CHECKPOINT)")
