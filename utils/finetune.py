@@ -8,7 +8,7 @@ new model can use, ``load_state_dict(strict=False)``, then assert the exact sets
 keys, so a renamed parameter cannot silently stay at its random init. Position embeddings are
 non-persistent buffers rebuilt for any image size, so they need no interpolation.
 
-kNN follows OlmoEarth's ``evals/knn.py`` convention (``../shared/reference/peer_systems.md`` section 6):
+kNN follows OlmoEarth's ``evals/knn.py`` convention:
 L2-normalised mean-pooled embeddings, cosine similarity, the k = 20 nearest training samples vote for their
 label with weight exp(similarity / 0.07). The embeddings are pooled as ``finetune.pool`` says.
 
@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import nn

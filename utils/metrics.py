@@ -1,8 +1,7 @@
 """Evaluation metrics for fine-tuning, computed over the whole evaluation set with torchmetrics.
 
-The conventions follow MMEarth-train's GEO-Bench protocol (``engine_finetune.py``; see
-``../shared/reference/data_formats.md`` section 2.5), torchgeo-bench and MoE-MAE's probes (accuracy, micro and
-macro F1, micro and macro mAP):
+The conventions follow MMEarth-train's GEO-Bench protocol (``engine_finetune.py``), torchgeo-bench and MoE-MAE's
+probes (accuracy, micro and macro F1, micro and macro mAP):
 
 - ``classification``: ``accuracy`` = multiclass accuracy, micro average (top-1); ``micro_f1`` (equal to the
   accuracy for single-label data) and ``macro_f1`` (mean over the classes that occur in the labels or the

@@ -1,6 +1,6 @@
 """GEO-Bench v1.0 reader (Lacoste et al., NeurIPS 2023 Datasets and Benchmarks), without the geobench package.
 
-On-disk format (``../shared/reference/data_formats.md`` section 2)::
+On-disk format (GEO-Bench v1.0 as its converters write it)::
 
     <root>/{classification_v1.0 | segmentation_v1.0}/<task>/
         <partition>_partition.json    {"train": [sample, ...], "valid": [...], "test": [...]}
