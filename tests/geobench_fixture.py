@@ -12,7 +12,9 @@ classification, ``label``. ``band_info`` objects are instances of classes named 
 Pixel values are synthetic: each band is filled with a band-specific constant plus noise, so tests can check
 which band landed where (m-eurosat writes the *EuroSAT* file-order channels under GEO-Bench's positional
 names, reproducing the documented shift). Class information is planted in the pixels (the class id shifts
-the mean of every band) so a model can learn it.
+the mean of every band, or only of the true bands named in ``signal_bands``) so a model can learn it. With
+``class_names`` the folder also gets a ``task_specs.pkl`` (a pickled ``geobench.task.TaskSpecifications`` whose
+``label_type`` is a ``geobench.label.Classification`` naming the classes), as the v1.0 folders hold.
 """
 
 from __future__ import annotations
@@ -58,9 +60,13 @@ def _fake_geobench():
     for name in ("BandInfo", "SpectralBand", "Sentinel2", "Sentinel1", "CloudProbability"):
         cls = type(name, (), {"__module__": "geobench.dataset"})
         setattr(mod, name, cls)
-    pkg.dataset = mod
-    saved = {k: sys.modules.get(k) for k in ("geobench", "geobench.dataset")}
-    sys.modules.update({"geobench": pkg, "geobench.dataset": mod})
+    task, label = types.ModuleType("geobench.task"), types.ModuleType("geobench.label")
+    task.TaskSpecifications = type("TaskSpecifications", (), {"__module__": "geobench.task"})
+    for name in ("Classification", "MultiLabelClassification"):
+        setattr(label, name, type(name, (), {"__module__": "geobench.label"}))
+    pkg.dataset, pkg.task, pkg.label = mod, task, label
+    saved = {k: sys.modules.get(k) for k in ("geobench", "geobench.dataset", "geobench.task", "geobench.label")}
+    sys.modules.update({"geobench": pkg, "geobench.dataset": mod, "geobench.task": task, "geobench.label": label})
     try:
         yield mod
     finally:
@@ -77,11 +83,14 @@ def _band_info(mod, cls_name: str, name: str, wavelength: float):
     return obj
 
 
-def write_geobench_task(root: Path, task: str, num_samples: int = 9, seed: int = 0) -> Path:
+def write_geobench_task(root: Path, task: str, num_samples: int = 9, seed: int = 0,
+                        signal_bands: tuple[str, ...] | None = None, class_names: list[str] | None = None) -> Path:
     """Write ``root/<benchmark>/<task>/`` with ``num_samples`` samples (split 5 / 2 / 2 when 9). Returns it.
 
     ``task`` is ``m-eurosat`` (10 classes, shifted band names), ``m-bigearthnet`` (43-class multi-hot numpy
     label) or ``m-cashew-plant`` (7-class ``label`` map, dated band names ``04 - Red_2019-12-10``).
+    ``signal_bands``: the true Sentinel-2 bands (``B8A``, ``B11``) that carry the class offset (None: all).
+    ``class_names``: write a ``task_specs.pkl`` naming the classes.
     """
     benchmark, kind, k, size = _SPECS[task]
     folder = Path(root) / benchmark / task
@@ -103,7 +112,8 @@ def write_geobench_task(root: Path, task: str, num_samples: int = 9, seed: int =
             info = {"bands_order": [n + date for n in GEOBENCH_S2_NAMES]}
             with h5py.File(folder / f"{sample}.hdf5", "w") as h5:
                 for j, name in enumerate(GEOBENCH_S2_NAMES):
-                    data = BAND_VALUE[true[j]] + offset + rng.normal(0, 20, (size, size))
+                    signal = offset if signal_bands is None or true[j] in signal_bands else 0.0
+                    data = BAND_VALUE[true[j]] + signal + rng.normal(0, 20, (size, size))
                     data = np.rint(data).astype(np.int16)
                     h5.create_dataset(name + date, data=data)
                     values[name].append(data.astype(np.float64))
@@ -118,6 +128,16 @@ def write_geobench_task(root: Path, task: str, num_samples: int = 9, seed: int =
                 else:
                     info["label"] = label
                 h5.attrs["pickle"] = str(pickle.dumps(info, protocol=4))
+        if class_names is not None:
+            label_cls = "MultiLabelClassification" if kind == "multilabel" else "Classification"
+            label_type = getattr(sys.modules["geobench.label"], label_cls)()
+            # geobench.label: Classification keeps "_class_names", MultiLabelClassification "class_name"
+            label_type.__dict__.update({"n_classes": k, "class_name" if kind == "multilabel" else "_class_names":
+                                        list(class_names)})
+            specs = sys.modules["geobench.task"].TaskSpecifications()
+            specs.__dict__.update(dataset_name=task, benchmark_name=benchmark, patch_size=(size, size),
+                                  n_time_steps=1, label_type=label_type, spatial_resolution=10)
+            (folder / "task_specs.pkl").write_bytes(pickle.dumps(specs, protocol=4))
     stats = {n: {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(np.min(v)),
                  "max": float(np.max(v)), "median": float(np.median(v))} for n, v in values.items()}
     (folder / "band_stats.json").write_text(json.dumps(stats))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,8 +10,8 @@ from multimae.build import build_encoder, build_pretraining
 from multimae.heads import ConvNeXtSegHead, LinearHead, LinearSegHead
 from utils.checkpoint import CheckpointError, encoder_entry, save_checkpoint
 from utils.config import load_config
-from utils.finetune import (FineTuneModel, build_backbone, build_head, knn_scores, label_fraction_indices,
-                            load_backbone, read_pretraining_checkpoint)
+from utils.finetune import (FineTuneModel, build_backbone, build_head, fit_logistic, knn_scores,
+                            label_fraction_indices, load_backbone, read_pretraining_checkpoint)
 from utils.optim import param_groups
 
 TINY = ["data.input_size=16", "model.preset={dim: 32, depth: 2, heads: 2}", "multimae.decoder.dim=32",
@@ -188,3 +189,66 @@ def test_label_fractions_are_seeded_and_nested():
     assert label_fraction_indices(7, 1.0, seed=0) == list(range(7))
     with pytest.raises(ValueError, match="finetune.label_fraction"):
         label_fraction_indices(10, 0.0, seed=0)
+
+
+def test_linear_probe_heads_are_linear_and_the_segmentation_probe_is_1x1_upsampled():
+    encoder = backbone(["s2_rgb", "s1"])
+    seg = build_head("segmentation", "convnext", encoder=encoder, num_classes=5, probe=True)  # the probe ignores convnext
+    trainable = {n for n, p in seg.named_parameters() if p.requires_grad}
+    linear = {f"{m}.{n}" for m, mod in seg.named_modules() if isinstance(mod, torch.nn.Linear)
+              for n, _ in mod.named_parameters()}
+    assert trainable == linear == {"fc.weight", "fc.bias"} and seg.fc.weight.shape == (5, 2 * 32)
+    grids = [torch.randn(3, 16, 32), torch.randn(3, 16, 32)]
+    seg.eval()  # BatchNorm with its running statistics: a fixed affine map per channel
+    out = seg(grids, (4, 4))
+    assert out.shape == (3, 5, 32, 32)
+    # independent computation: normalise, the same Linear on every token, reshape to the grid, bilinear upsampling
+    x = torch.cat(grids, -1)
+    bn = seg.norm
+    z = (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+    logits = (z @ seg.fc.weight.T + seg.fc.bias).reshape(3, 4, 4, 5).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected)
+    cls = build_head("classification", "linear", encoder=encoder, num_classes=4, probe=True)
+    assert isinstance(cls.norm, torch.nn.BatchNorm1d) and not cls.norm.affine
+    assert {n for n, p in cls.named_parameters()} == {"fc.weight", "fc.bias"}
+    tuned = build_head("classification", "linear", encoder=encoder, num_classes=4)
+    assert isinstance(tuned.norm, torch.nn.LayerNorm) and float(tuned.fc.weight.detach().abs().max()) < 1e-3
+
+
+def test_embeddings_follow_the_configured_pooling():
+    encoder = backbone(["s2_rgb"])
+    inputs = {"s2_rgb": torch.randn(2, 3, 16, 16)}
+    tokens = encoder.encode(inputs)
+    torch.testing.assert_close(FineTuneModel(encoder, None, pool="mean").embed(inputs), tokens.mean(1))
+    torch.testing.assert_close(FineTuneModel(encoder, None, pool="global").embed(inputs), tokens[:, -1])
+    with pytest.raises(RuntimeError, match="no head"):
+        FineTuneModel(encoder, None)(inputs)
+
+
+def test_logistic_probe_on_a_separable_toy_set():
+    pytest.importorskip("sklearn", reason="scikit-learn (requirements.txt) is not installed")
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 6) * 4
+
+    def draw(n):
+        y = np.arange(n) % 3
+        return centres[y] + 0.5 * rng.normal(size=(n, 6)), y
+
+    (x, y), (vx, vy), (tx, ty) = draw(60), draw(30), draw(30)
+    accuracy = lambda p, t: float((p.argmax(1) == t).mean())  # noqa: E731
+    probe = fit_logistic(x, y, num_classes=3, cs=[1e-4, 1.0], score=accuracy, val_x=vx, val_y=vy)
+    assert probe.c == 1.0 and probe.val_scores[1.0] == 1.0 and probe.val_scores[1e-4] <= 1.0
+    proba = probe.predict_proba(tx)
+    assert proba.shape == (30, 3) and np.allclose(proba.sum(1), 1) and (proba.argmax(1) == ty).all()
+    # a class the training labels lack gets probability 0 (4 classes, only 3 seen)
+    assert (fit_logistic(x, y, num_classes=4, cs=[1.0]).predict_proba(tx)[:, 3] == 0).all()
+    # multi-label: one binary fit per label column (one-vs-rest); label 2 is "class 0 or 1"
+    multi = np.stack([y == 0, y == 1, y < 2], 1).astype(np.int64)
+    vmulti = np.stack([ty == 0, ty == 1, ty < 2], 1).astype(np.int64)
+    ml = fit_logistic(x, multi, num_classes=3, cs=[1.0])
+    assert ((ml.predict_proba(tx) > 0.5) == vmulti.astype(bool)).all()
+    with pytest.raises(ValueError, match="finetune.logistic_c holds several values but there is no validation split"):
+        fit_logistic(x, y, num_classes=3, cs=[0.1, 1.0])
+    with pytest.raises(ValueError, match="finetune.logistic_c must be a non-empty list of positive numbers"):
+        fit_logistic(x, y, num_classes=3, cs=["1.0e4"])

@@ -122,3 +122,44 @@ def test_bad_inputs(gb_root, tmp_path):
     with pytest.raises(ValueError, match="band_stats.json: no mean/std for band '04 - Red'"):
         GeoBenchDataset(tmp_path / "c", "m-cashew-plant", "train", ["s2_rgb"])
     assert np.isfinite(stats["03 - Green"]["mean"])
+
+
+@pytest.mark.parametrize("module", ["numpy.core.multiarray", "numpy._core.multiarray"])
+def test_numpy_pickles_of_either_major_version_decode(module):
+    # protocol 3 names globals as text ("c<module>\n<name>\n"): rewrite the module to what numpy 1.x (numpy.core)
+    # or 2.x (numpy._core) writes; the reader must rebuild both with whichever numpy it runs on
+    raw = pickle.dumps({"label": np.array([0, 1, 1], dtype=np.int64), "n": np.int64(7)}, protocol=3)
+    for name in (b"numpy._core.multiarray", b"numpy.core.multiarray"):
+        raw = raw.replace(b"c" + name + b"\n", b"c" + module.encode() + b"\n")
+    assert module.encode() in raw
+    out = decode_sample_pickle(str(raw))
+    np.testing.assert_array_equal(out["label"], [0, 1, 1])
+    assert out["n"] == 7 and isinstance(out["n"], np.int64)
+
+
+def test_class_names_from_task_specs_or_the_converters(tmp_path, gb_root):
+    names = [f"class name {i}" for i in range(10)]
+    write_geobench_task(tmp_path / "named", "m-eurosat", class_names=names)
+    assert GeoBenchDataset(tmp_path / "named", "m-eurosat", "train", ["s2_rgb"]).class_names == names
+    ds = GeoBenchDataset(gb_root, "m-eurosat", "train", ["s2_rgb"])  # no task_specs.pkl: the converter's labels
+    assert ds.class_names[0] == "AnnualCrop" and ds.class_names[9] == "SeaLake" and len(ds.class_names) == 10
+    ben = GeoBenchDataset(gb_root, "m-bigearthnet", "train", ["s2_rgb"])
+    assert len(ben.class_names) == 43 and ben.class_names[0] == "Continuous urban fabric"
+    assert GeoBenchDataset(gb_root, "m-cashew-plant", "train", ["s2_rgb"]).class_names[1] == "well-managed plantation"
+    # a task_specs.pkl that is not data falls back to the converter's labels, without running it
+    folder = tmp_path / "named" / "classification_v1.0" / "m-eurosat"
+    (folder / "task_specs.pkl").write_bytes(pickle.dumps({"label_type": __import__("os").system}, protocol=4))
+    assert GeoBenchDataset(tmp_path / "named", "m-eurosat", "train", ["s2_rgb"]).class_names[0] == "AnnualCrop"
+    ml_names = [f"label {i}" for i in range(43)]
+    write_geobench_task(tmp_path / "ml", "m-bigearthnet", class_names=ml_names)  # MultiLabelClassification
+    assert GeoBenchDataset(tmp_path / "ml", "m-bigearthnet", "train", ["s2_rgb"]).class_names == ml_names
+
+
+def test_planted_signal_only_in_the_chosen_bands(tmp_path):
+    write_geobench_task(tmp_path, "m-eurosat", num_samples=18, signal_bands=("B8A", "B11"))
+    ds = GeoBenchDataset(tmp_path, "m-eurosat", "train", ["s2_rgb", "s2_nir", "s2_swir"])
+    s = ds[3]  # class 3: offset 450 on B8A and B11 only
+    assert _raw_value(ds, s, "s2_nir", 0) == pytest.approx(BAND_VALUE["B8A"] + 450, abs=10)
+    assert _raw_value(ds, s, "s2_swir", 0) == pytest.approx(BAND_VALUE["B11"] + 450, abs=10)
+    assert _raw_value(ds, s, "s2_nir", 1) == pytest.approx(BAND_VALUE["B08"], abs=10)
+    assert _raw_value(ds, s, "s2_rgb", 0) == pytest.approx(BAND_VALUE["B04"], abs=10)  # s2_rgb = (B04, B03, B02)

@@ -1,4 +1,5 @@
-"""Fine-tuning building blocks: the encoder from a checkpoint, the encoder + head model, kNN, label fractions.
+"""Fine-tuning building blocks: the encoder from a checkpoint, the encoder + head model, layer decay, kNN, the
+logistic-regression probe, label fractions.
 
 The encoder is rebuilt from the checkpoint's ``encoder`` entry (architecture, token layout, domains), whatever
 objective pretrained it; a from-scratch baseline builds the same architecture without the weights.
@@ -8,16 +9,25 @@ keys, so a renamed parameter cannot silently stay at its random init. Position e
 non-persistent buffers built from the encoder spec; at another image size ``finetune.pos_embed`` chooses between
 MultiMAE's resized pretraining table and sin-cos computed on the new grid (:func:`build_backbone`).
 
-kNN follows OlmoEarth's ``evals/knn.py`` convention (``../shared/reference/peer_systems.md`` section 6):
+kNN follows OlmoEarth's ``evals/knn.py`` convention:
 L2-normalised mean-pooled embeddings, cosine similarity, the k = 20 nearest training samples vote for their
-label with weight exp(similarity / 0.07).
+label with weight exp(similarity / 0.07). The embeddings are pooled as ``finetune.pool`` says.
+
+The logistic-regression probe follows MoE-MAE's (Albughdadi, arXiv 2509.10919; ``train_logistic_regression.py``):
+scikit-learn ``LogisticRegression`` (solver sag, 1000 iterations), one-vs-rest for multi-label data, on the
+pooled embeddings of the frozen encoder; here the features are standardised with the training statistics
+(sag converges only on scaled features) and the inverse regularisation strength C is the one of a grid that
+scores best on the validation split (torchgeo-bench chooses C on validation too).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +35,7 @@ from torch import nn
 from multimae.build import build_encoder
 from multimae.domains import get_domain
 from multimae.encoder import MultiModalEncoder
-from multimae.heads import ConvNeXtSegHead, LinearHead, LinearSegHead
+from multimae.heads import ConvNeXtSegHead, LinearHead, LinearSegHead, pool_tokens
 from utils.checkpoint import CheckpointError, load_state_checked, read_checkpoint
 
 __all__ = [
@@ -36,8 +46,11 @@ __all__ = [
     "FineTuneModel",
     "build_head",
     "knn_scores",
+    "LogisticProbe",
+    "fit_logistic",
     "label_fraction_indices",
     "default_layer_decay",
+    "new_parameter_prefixes",
 ]
 
 #: Layer-wise lr decay used when ``optim.layer_decay`` is null (EPFL MultiMAE fine-tuning recipes).
@@ -48,6 +61,13 @@ def default_layer_decay(task: str) -> float:
     """Layer-wise lr decay of a task when ``optim.layer_decay`` is null: 0.65 (classification,
     multi-label) or 0.75 (segmentation), the EPFL MultiMAE defaults."""
     return _LAYER_DECAY[task]
+
+
+def new_parameter_prefixes(new_domains: list[str], prefix: str = "encoder.") -> list[str]:
+    """Name prefixes of the encoder parameters a checkpoint did not provide (adapters and domain embeddings
+    of ``new_domains``), as ``utils.optim.param_groups(full_rate=...)`` takes them."""
+    return [f"{prefix}{part}.{d}" + ("." if part == "input_adapters" else "")
+            for d in new_domains for part in ("input_adapters", "domain_embeds")]
 
 
 def read_pretraining_checkpoint(path: str | Path) -> dict:
@@ -167,7 +187,7 @@ def load_backbone(encoder: nn.Module, state: dict[str, torch.Tensor], in_domains
     new_domains = [d for d in in_domains if d not in have]
     keep = {k: v for k, v in state.items() if _domain_of(k) in (None, *in_domains)}
     dropped = sorted(set(state) - set(keep))
-    new_keys = tuple(f"input_adapters.{d}." for d in new_domains) + tuple(f"domain_embeds.{d}" for d in new_domains)
+    new_keys = tuple(new_parameter_prefixes(new_domains, prefix=""))
     load_state_checked(encoder, keep, what=f"encoder from {source}", ignore_missing=new_keys)
     missing = sorted(k for k in encoder.state_dict() if k not in keep)
     return LoadReport(sorted(set(in_domains) - set(new_domains)), new_domains, missing, dropped)
@@ -179,13 +199,16 @@ class FineTuneModel(nn.Module):
     Args:
         encoder: :class:`MultiModalEncoder`; its ``encode(inputs, valid=valid)`` gives (B, N + G, D) tokens in
             layout order, global tokens last. Parameters are named ``encoder.*`` and ``head.*``.
-        head: :class:`LinearHead`, :class:`ConvNeXtSegHead` or :class:`LinearSegHead`.
-        freeze_encoder: Frozen encoder (linear probe, kNN): no gradients, always in eval mode.
+        head: :class:`LinearHead`, :class:`ConvNeXtSegHead` or :class:`LinearSegHead`; None for the protocols
+            that train no head (kNN, logistic regression: only :meth:`embed` is used).
+        freeze_encoder: Frozen encoder (probes): no gradients, always in eval mode.
+        pool: Pooling of :meth:`embed` (``finetune.pool``).
     """
 
-    def __init__(self, encoder: MultiModalEncoder, head: nn.Module, *, freeze_encoder: bool = False) -> None:
+    def __init__(self, encoder: MultiModalEncoder, head: nn.Module | None, *, freeze_encoder: bool = False,
+                 pool: str = "mean") -> None:
         super().__init__()
-        self.encoder, self.head, self.freeze_encoder = encoder, head, freeze_encoder
+        self.encoder, self.head, self.freeze_encoder, self.pool = encoder, head, freeze_encoder, pool
         if freeze_encoder:
             self.encoder.requires_grad_(False)
 
@@ -228,7 +251,13 @@ class FineTuneModel(nn.Module):
         return out, (h, w)
 
     def forward(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits: (B, K) for a :class:`LinearHead`, (B, K, H, W) for a segmentation head."""
+        """Logits: (B, K) for a :class:`LinearHead`, (B, K, H, W) for a segmentation head.
+
+        Raises:
+            RuntimeError: the model has no head.
+        """
+        if self.head is None:
+            raise RuntimeError("this fine-tuning model has no head (kNN / logistic protocols only embed)")
         tokens = self.tokens(inputs, valid)
         if isinstance(self.head, LinearHead):
             return self.head(tokens)
@@ -237,36 +266,40 @@ class FineTuneModel(nn.Module):
 
     @torch.no_grad()
     def embed(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """(B, D) mean of all encoder tokens (the kNN embedding)."""
-        return self.encoder.encode(inputs, valid=valid).mean(dim=1)
+        """(B, D) pooled encoder tokens (``pool``: mean of all tokens or the global token), the embedding of
+        kNN, the logistic probe and the embedding map."""
+        return pool_tokens(self.encoder.encode(inputs, valid=valid), self.pool, self.encoder.num_global_tokens)
 
 
 def build_head(task: str, head: str, *, encoder: MultiModalEncoder, num_classes: int, pool: str = "mean",
-               full_finetune: bool = True) -> nn.Module:
+               probe: bool = False) -> nn.Module:
     """Head for a task from config keys ``finetune.task`` / ``finetune.head`` / ``finetune.pool``.
 
-    Classification and multi-label use :class:`LinearHead` (``head`` must be ``linear``); segmentation uses
-    :class:`ConvNeXtSegHead` (``convnext``) or :class:`LinearSegHead` (``linear``) on the finest token grid of the
-    encoder's grid domains (patch size P = the smallest of their patch sizes).
+    Fine-tuning: classification and multi-label use :class:`LinearHead` with LayerNorm (``head`` must be
+    ``linear``); segmentation uses :class:`ConvNeXtSegHead` (``convnext``) or :class:`LinearSegHead` (``linear``)
+    on the finest token grid of the encoder's grid domains (patch size P = the smallest of their patch sizes).
+    A linear probe (``probe``) is linear whatever ``head`` says: BatchNorm without affine parameters and one
+    Linear layer, on the pooled tokens (:class:`LinearHead`) or on every token of the grid (:class:`LinearSegHead`).
 
     Raises:
         ValueError: an unknown head for the task, or segmentation from image-level inputs only.
     """
     dim, in_domains = encoder.dim, encoder.in_domains
     if task in ("classification", "multilabel"):
-        if head != "linear":
+        if head != "linear" and not probe:
             raise ValueError(f"finetune.head {head!r}: {task} uses the 'linear' head")
         return LinearHead(dim=dim, num_classes=num_classes, pool=pool, num_global_tokens=encoder.num_global_tokens,
-                          init_scale=0.001 if full_finetune else 1.0)
+                          norm="batch" if probe else "layer", init_std=0.01 if probe else 0.02 * 0.001)
     for d in in_domains:
         if get_domain(d).level != "pixel":
             raise ValueError(f"segmentation needs pixel-level input domains; {d!r} is image-level")
     patch_size = min(encoder.patch_sizes[d] for d in in_domains)
+    if probe or head == "linear":
+        return LinearSegHead(dim=dim, num_classes=num_classes, num_domains=len(in_domains), patch_size=patch_size,
+                             norm="batch" if probe else "layer")
     if head == "convnext":
         return ConvNeXtSegHead(dim=dim, num_classes=num_classes, num_domains=len(in_domains), patch_size=patch_size,
                                hidden_dim=max(32, dim // 2), upsample=4 if patch_size % 4 == 0 else 1)
-    if head == "linear":
-        return LinearSegHead(dim=dim, num_classes=num_classes, num_domains=len(in_domains), patch_size=patch_size)
     raise ValueError(f"finetune.head must be 'linear' or 'convnext' for segmentation, got {head!r}")
 
 
@@ -299,6 +332,95 @@ def knn_scores(train_emb: torch.Tensor, train_labels: torch.Tensor, query_emb: t
         votes = (weight[..., None] * onehot[idx]).sum(dim=1)  # (q, K)
         out.append(votes / weight.sum(dim=1, keepdim=True))
     return torch.cat(out)
+
+
+@dataclass
+class LogisticProbe:
+    """A fitted logistic-regression probe (:func:`fit_logistic`).
+
+    Attributes:
+        model: The scikit-learn pipeline (standardisation, then ``LogisticRegression`` or one-vs-rest of it).
+        c: The chosen inverse regularisation strength.
+        val_scores: {C: validation score} of every C tried (empty when only one was given).
+        num_classes: K.
+        not_converged: The C values whose fit stopped at ``max_iter`` before converging.
+    """
+
+    model: object
+    c: float
+    num_classes: int
+    val_scores: dict[float, float] = field(default_factory=dict)
+    not_converged: list[float] = field(default_factory=list)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """(Q, D) embeddings -> (Q, K) class probabilities (multi-label: one probability per label); classes the
+        training labels lacked get probability 0."""
+        est = self.model[-1]
+        proba = self.model.predict_proba(x)
+        out = np.zeros((len(x), self.num_classes), dtype=np.float64)
+        out[:, np.asarray(est.classes_, dtype=np.int64) if proba.shape[1] != self.num_classes else slice(None)] = proba
+        return out
+
+
+def _logistic(c: float, multilabel: bool, max_iter: int, seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = LogisticRegression(C=c, solver="sag", max_iter=max_iter, random_state=seed)
+    return make_pipeline(StandardScaler(), OneVsRestClassifier(clf) if multilabel else clf)
+
+
+def fit_logistic(train_x: np.ndarray, train_y: np.ndarray, *, num_classes: int, cs: list[float],
+                 score: Callable[[np.ndarray, np.ndarray], float] | None = None, val_x: np.ndarray | None = None,
+                 val_y: np.ndarray | None = None, max_iter: int = 1000, seed: int = 0) -> LogisticProbe:
+    """Fit a logistic-regression probe on embeddings, choosing C on the validation split.
+
+    Args:
+        train_x: (N, D) training embeddings.
+        train_y: (N,) int class ids, or (N, K) 0/1 multi-hot labels (one-vs-rest, one binary fit per label).
+        num_classes: K.
+        cs: Inverse regularisation strengths to try (config key ``finetune.logistic_c``).
+        score: ``(probabilities (Q, K), labels) -> float``, larger is better: the validation criterion.
+        val_x, val_y: The validation split, needed when ``cs`` holds more than one value.
+        max_iter: sag iterations (``finetune.logistic_max_iter``).
+        seed: Seed of sag's sample order.
+
+    Returns:
+        The fit of the best C on the training split (ties: the smaller C, the stronger regularisation).
+
+    Raises:
+        ValueError: ``cs`` empty or not positive, several C without a validation split, or a multi-label
+            column / class count that does not match ``num_classes``.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+
+    if not cs or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in cs):
+        raise ValueError(f"finetune.logistic_c must be a non-empty list of positive numbers, got {cs}")
+    multilabel = train_y.ndim == 2
+    if multilabel and train_y.shape[1] != num_classes:
+        raise ValueError(f"multi-label targets have {train_y.shape[1]} columns, expected {num_classes}")
+    if len(cs) > 1 and (val_x is None or score is None or len(val_x) == 0):
+        raise ValueError("finetune.logistic_c holds several values but there is no validation split to choose "
+                         "among them (give one value, or a validation split)")
+    fits, not_converged = {}, []
+    for c in sorted(cs):
+        model = _logistic(float(c), multilabel, max_iter, seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model.fit(train_x, train_y)
+        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+            not_converged.append(float(c))
+        fits[float(c)] = model
+    probes = {c: LogisticProbe(m, c, num_classes, not_converged=not_converged) for c, m in fits.items()}
+    if len(cs) == 1:
+        return next(iter(probes.values()))
+    val_scores = {c: float(score(p.predict_proba(val_x), val_y)) for c, p in probes.items()}
+    best = max(val_scores, key=lambda c: (val_scores[c], -c))
+    probe = probes[best]
+    probe.val_scores = val_scores
+    return probe
 
 
 def label_fraction_indices(num_samples: int, fraction: float, seed: int) -> list[int]:

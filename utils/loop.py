@@ -147,6 +147,10 @@ class LoopTask:
         """One line printed when training starts."""
         return ""
 
+    def peak_lr(self, cfg: dict, world_size: int) -> float:
+        """The schedule's peak lr: ``optim.blr * total_batch / 256`` unless the task has its own (a linear probe)."""
+        return effective_lr(cfg, world_size)
+
 
 def schedule(cfg: dict, steps_per_epoch: int) -> tuple[int, int, str | None]:
     """Total and warm-up optimizer steps of a run, with the warm-up guard.
@@ -187,7 +191,7 @@ class TrainLoop:
                 f"(batch_size x accum_steps x world_size = {total_batch_size(cfg, info.world_size)})"
             )
         self.total_steps, self.warmup_steps, self.warning = schedule(cfg, self.steps_per_epoch)
-        self.lr = effective_lr(cfg, info.world_size)
+        self.lr = task.peak_lr(cfg, info.world_size)
         self.progress = Progress()
         self.flops_per_step: float | None = None
         self.code_commit = ckpt.code_commit()

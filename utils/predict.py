@@ -162,8 +162,8 @@ def load_predictor(path: str | Path, spec_path: str | None = None, device: str =
     encoder = MultiModalEncoder.from_spec(ck["encoder"]["spec"], in_domains=in_domains, input_size=tile)
     names = list(label["class_names"])
     head = build_head(ck["task"], ft["head"], encoder=encoder, num_classes=len(names), pool=ft["pool"],
-                      full_finetune=ft["protocol"] == "finetune")
-    model = FineTuneModel(encoder, head)
+                      probe=ft["protocol"] == "linear_probe")
+    model = FineTuneModel(encoder, head, pool=ft["pool"])
     weights = {**{f"encoder.{k}": v for k, v in ck["encoder"]["state_dict"].items()},
                **{f"head.{k}": v for k, v in ck["head"]["state_dict"].items()}}
     load_state_checked(model, weights, what=f"fine-tuned model ({path})")

@@ -3,6 +3,10 @@
 Kind ``reconstruction`` (MultiMAE-EO, :func:`save_reconstructions`): for each sample, one row per domain with
 input, mask, prediction, target.
 
+Kind ``embedding_map`` (fine-tuning probes, :func:`save_embedding_map`): a 2-D t-SNE map (van der Maaten and
+Hinton, JMLR 2008; scikit-learn's ``TSNE``) of the frozen encoder's pooled embeddings, one dot per sample coloured
+by its label.
+
 Rendering per domain kind (matplotlib, Agg backend, no display needed):
 
 - Sentinel-2 and other multi-band continuous domains: the first three bands as RGB (one band is
@@ -34,7 +38,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from multimae.criterion import norm_pix_target  # noqa: E402
 from multimae.domains import IGNORE_INDEX, get_domain  # noqa: E402
 
-__all__ = ["save_pictures", "save_reconstructions", "save_prediction_preview"]
+__all__ = ["save_pictures", "save_reconstructions", "save_prediction_preview", "save_embedding_map"]
 
 _GREY = np.array([0.55, 0.55, 0.55])
 _MIN_HALF_RANGE = 0.25  # z-score units
@@ -118,7 +122,8 @@ def save_pictures(output_dir: str | Path, tag: str, data: dict) -> list[Path]:
         output_dir: The run's output folder.
         tag: File-name suffix, e.g. ``step000120``.
         data: ``{"kind": ..., ...}``; kind ``reconstruction``: the keyword arguments of
-            :func:`save_reconstructions` (``inputs``, ``valid``, ``preds``, ``masks``, ``patch_sizes``, ``norm_pix``).
+            :func:`save_reconstructions` (``inputs``, ``valid``, ``preds``, ``masks``, ``patch_sizes``, ``norm_pix``);
+            kind ``embedding_map``: those of :func:`save_embedding_map` (into ``<output_dir>/embedding_maps/``).
 
     Returns:
         Paths of the written PNG files.
@@ -130,6 +135,8 @@ def save_pictures(output_dir: str | Path, tag: str, data: dict) -> list[Path]:
     if kind == "reconstruction":
         args = {k: v for k, v in data.items() if k != "kind"}
         return save_reconstructions(Path(output_dir) / "reconstructions", tag, **args)
+    if kind == "embedding_map":
+        return [save_embedding_map(Path(output_dir) / "embedding_maps", tag, **{k: v for k, v in data.items() if k != "kind"})]
     raise ValueError(f"no picture writer for kind {kind!r}")
 
 
@@ -224,5 +231,63 @@ def save_prediction_preview(path: str | Path, classes: np.ndarray, class_names: 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_embedding_map(folder: str | Path, tag: str, embeddings, labels, *, class_names: list[str],
+                       title: str = "", max_samples: int = 2000, seed: int = 0) -> Path:
+    """Write ``tsne_<tag>.png``: a t-SNE map of embeddings, coloured by label.
+
+    Args:
+        folder: Destination (``<output_dir>/embedding_maps``), created if needed.
+        tag: File-name suffix, e.g. the split ``test``.
+        embeddings: (N, D) float array or tensor (pooled encoder tokens).
+        labels: (N,) int class ids, or (N, K) 0/1 multi-hot labels (each dot takes the colour of the sample's
+            first label in class order; samples without a label are grey).
+        class_names: K names for the legend.
+        title: Figure title (e.g. checkpoint, inputs, split).
+        max_samples: At most this many samples are mapped (a seeded random subset).
+        seed: Seed of the subset and of t-SNE.
+
+    Returns:
+        The path of the PNG.
+
+    Raises:
+        ValueError: fewer than 4 samples (t-SNE needs a perplexity below the sample count), or labels that do
+            not match the embeddings.
+    """
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(embeddings, dtype=np.float32)
+    y = np.asarray(labels)
+    if len(x) != len(y):
+        raise ValueError(f"embedding map: {len(x)} embeddings but {len(y)} labels")
+    if len(x) < 4:
+        raise ValueError(f"embedding map: t-SNE needs at least 4 samples, got {len(x)}")
+    rng = np.random.default_rng(seed)
+    if len(x) > max_samples:
+        keep = np.sort(rng.choice(len(x), max_samples, replace=False))
+        x, y = x[keep], y[keep]
+    multilabel = y.ndim == 2
+    ids = np.where(y.any(axis=1), y.argmax(axis=1), -1) if multilabel else y.astype(np.int64)
+    xy = TSNE(n_components=2, perplexity=min(30.0, (len(x) - 1) / 3), init="pca", random_state=seed).fit_transform(x)
+    k = len(class_names)
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20" if k <= 20 else "turbo")
+    colours = [cmap(i if k <= 20 else i / max(1, k - 1)) for i in range(k)]
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    for i in sorted(set(ids.tolist())):
+        sel = ids == i
+        name = class_names[i] if i >= 0 else "no label"
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=10, color=colours[i] if i >= 0 else _GREY, label=f"{name} ({sel.sum()})")
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False,
+              title="first label" if multilabel else "label", title_fontsize=8)
+    ax.set_title(title or f"t-SNE of {len(x)} embeddings ({tag})", fontsize=9)
+    fig.tight_layout()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"tsne_{tag}.png"
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

@@ -146,6 +146,7 @@ class BigEarthNetDataset(Dataset):
 
     task = "multilabel"
     num_classes = len(BIGEARTHNET_CLASSES)
+    class_names = list(BIGEARTHNET_CLASSES)
 
     def __init__(self, root, split: str, in_domains: list[str], *, cache_dir=None, input_size: int | None = None,
                  augment: bool = False, resize: bool = False, hflip: float = 0.5, seed: int = 0) -> None:

@@ -1,6 +1,6 @@
 """GEO-Bench v1.0 reader (Lacoste et al., NeurIPS 2023 Datasets and Benchmarks), without the geobench package.
 
-On-disk format (``../shared/reference/data_formats.md`` section 2)::
+On-disk format (GEO-Bench v1.0 as its converters write it)::
 
     <root>/{classification_v1.0 | segmentation_v1.0}/<task>/
         <partition>_partition.json    {"train": [sample, ...], "valid": [...], "test": [...]}
@@ -15,7 +15,9 @@ code). Bands are matched to the model's domains by name: ``"04 - Red"`` is Senti
 shifted names are corrected (section 2.6: its ``08A`` holds B09, ``09`` B10, ``10`` B11, ``11`` B12, ``12``
 B8A). Data is z-scored with the task's own ``band_stats.json`` (MMEarth-train does the same; for m-so2sat,
 whose stats are x 10000 while its data is reflectance 0-1, the stats are divided by 10000 as MMEarth-train
-does).
+does). Class names come from the task's ``task_specs.pkl`` (its ``label_type``, decoded by the same restricted
+unpickler) where it names them, else from the converters' label lists (:attr:`GeoBenchTask.class_names`).
+The reader runs with numpy 1.x and 2.x and decodes pickles written by either.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "StandIn",
     "decode_sample_pickle",
     "s2_band_names",
+    "task_class_names",
     "GeoBenchDataset",
     "spatial_transform",
 ]
@@ -62,6 +65,9 @@ class GeoBenchTask:
         metric: Metric MMEarth-train reports (``accuracy``, ``micro_f1``, ``miou``).
         eurosat_shift: Correct m-eurosat's positional band names.
         stats_scale: Multiplier on the band-stats mean / std (m-so2sat: 1e-4).
+        class_names: Names of the class ids 0..K-1 as the GEO-Bench converters assign them, used when the
+            folder's ``task_specs.pkl`` names none (segmentation tasks) or is absent. m-bigearthnet: the 43
+            BigEarthNet names (:data:`utils.data.bigearthnet.BIGEARTHNET_CLASSES`).
     """
 
     name: str
@@ -72,17 +78,38 @@ class GeoBenchTask:
     metric: str
     eurosat_shift: bool = False
     stats_scale: float = 1.0
+    class_names: tuple[str, ...] = ()
+
+
+# Label lists of the GEO-Bench v1 converters (make_benchmark/dataset_converters): EuroSAT's class folders in the
+# label-index order torchgeo assigns; So2Sat's local climate zones 1-10, A-G; the cashew and South-African
+# crop-type label tuples of their converters.
+_EUROSAT_CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
+                    "PermanentCrop", "Residential", "River", "SeaLake")
+_SO2SAT_CLASSES = ("Compact high rise", "Compact mid rise", "Compact low rise", "Open high rise", "Open mid rise",
+                   "Open low rise", "Lightweight low rise", "Large low rise", "Sparsely built", "Heavy industry",
+                   "Dense trees", "Scattered trees", "Bush, scrub", "Low plants", "Bare rock or paved",
+                   "Bare soil or sand", "Water")
+_CASHEW_CLASSES = ("no data", "well-managed plantation", "poorly-managed plantation", "non-plantation", "residential",
+                   "background", "uncertain")
+_SA_CROP_CLASSES = ("No Data", "Lucerne/Medics", "Planted pastures (perennial)", "Fallow", "Wine grapes", "Weeds",
+                    "Small grain grazing", "Wheat", "Canola", "Rooibos")
 
 
 GEOBENCH_TASKS: dict[str, GeoBenchTask] = {
     t.name: t
     for t in (
-        GeoBenchTask("m-eurosat", "classification_v1.0", "classification", 10, 64, "accuracy", eurosat_shift=True),
+        GeoBenchTask("m-eurosat", "classification_v1.0", "classification", 10, 64, "accuracy", eurosat_shift=True,
+                     class_names=_EUROSAT_CLASSES),
         GeoBenchTask("m-bigearthnet", "classification_v1.0", "multilabel", 43, 120, "micro_f1"),
-        GeoBenchTask("m-so2sat", "classification_v1.0", "classification", 17, 32, "accuracy", stats_scale=1e-4),
-        GeoBenchTask("m-brick-kiln", "classification_v1.0", "classification", 2, 64, "accuracy"),
-        GeoBenchTask("m-cashew-plant", "segmentation_v1.0", "segmentation", 7, 256, "miou"),
-        GeoBenchTask("m-SA-crop-type", "segmentation_v1.0", "segmentation", 10, 256, "miou"),
+        GeoBenchTask("m-so2sat", "classification_v1.0", "classification", 17, 32, "accuracy", stats_scale=1e-4,
+                     class_names=_SO2SAT_CLASSES),
+        GeoBenchTask("m-brick-kiln", "classification_v1.0", "classification", 2, 64, "accuracy",
+                     class_names=("not brick kiln", "brick kiln")),
+        GeoBenchTask("m-cashew-plant", "segmentation_v1.0", "segmentation", 7, 256, "miou",
+                     class_names=_CASHEW_CLASSES),
+        GeoBenchTask("m-SA-crop-type", "segmentation_v1.0", "segmentation", 10, 256, "miou",
+                     class_names=_SA_CROP_CLASSES),
     )
 }
 
@@ -119,13 +146,17 @@ class StandIn:
 
 _STANDIN_MODULES = re.compile(r"^(geobench|ccb)(\.[A-Za-z_]\w*)*$")
 _STANDIN_CLASSES = {("rasterio.crs", "CRS"), ("affine", "Affine")}
+# numpy's own unpickling functions, taken from what this numpy version pickles with (numpy 1.x names the module
+# numpy.core.multiarray, numpy 2.x numpy._core.multiarray): pickles written under either version decode.
+_NP_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_NP_SCALAR = np.float32(0).__reduce__()[0]
 _REAL_CLASSES = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
-    ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy.core.multiarray", "_reconstruct"): _NP_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _NP_RECONSTRUCT,
+    ("numpy.core.multiarray", "scalar"): _NP_SCALAR,
+    ("numpy._core.multiarray", "scalar"): _NP_SCALAR,
     ("datetime", "date"): datetime.date,
     ("datetime", "datetime"): datetime.datetime,
     ("collections", "OrderedDict"): __import__("collections").OrderedDict,
@@ -178,6 +209,33 @@ def decode_sample_pickle(text: str | bytes, source: str = "sample") -> dict:
     if not isinstance(out, dict):
         raise ValueError(f"{source}: attribute 'pickle' decodes to {type(out).__name__}, expected a dict")
     return out
+
+
+def task_class_names(folder: Path, spec: GeoBenchTask) -> tuple[str, ...]:
+    """Class names of a GEO-Bench task folder: its ``task_specs.pkl`` ``label_type`` names when it holds K of
+    them, else the converter's list (:attr:`GeoBenchTask.class_names`); empty when neither is known.
+
+    ``task_specs.pkl`` is decoded with :class:`RestrictedUnpickler`; one that does not decode (or names no
+    classes, as the segmentation tasks' ``SegmentationClasses``) falls back to the converter's list.
+    """
+    path = Path(folder) / "task_specs.pkl"
+    if path.is_file():
+        try:
+            with path.open("rb") as f:
+                specs = RestrictedUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError):
+            specs = None
+        label_type = specs.get("label_type") if isinstance(specs, StandIn) else None
+        if isinstance(label_type, StandIn):
+            # geobench.label.Classification keeps "_class_names", MultiLabelClassification "class_name"
+            names = label_type.get("_class_names") or label_type.get("class_name")
+            if isinstance(names, (list, tuple)) and len(names) == spec.num_classes:
+                return tuple(str(n) for n in names)
+    if spec.name == "m-bigearthnet":
+        from utils.data.bigearthnet import BIGEARTHNET_CLASSES  # the import is deferred: bigearthnet imports us
+
+        return tuple(BIGEARTHNET_CLASSES)
+    return spec.class_names
 
 
 # ---------------------------------------------------------------- band names
@@ -284,6 +342,7 @@ def _read_json(path: Path) -> dict:
 class GeoBenchDataset(Dataset):
     """One split of a GEO-Bench v1.0 task, in the batch contract of ``docs/DESIGN.md`` plus ``label``.
 
+    Attributes ``task``, ``num_classes`` and ``class_names`` (see :func:`task_class_names`) describe the labels.
     Sample: ``{"inputs": {domain: float32 (C, H, W)}, "valid": {domain: bool (H, W)}, "index": int,
     "label": ...}`` where ``label`` is int64 () (classification), float32 (K,) multi-hot (multi-label) or
     int64 (H, W) class ids (segmentation). Inputs are reflectance x 10000 z-scored with ``band_stats.json``;
@@ -330,6 +389,7 @@ class GeoBenchDataset(Dataset):
         self.input_size = input_size
         self.augment, self.resize, self.hflip, self.seed, self.epoch = augment, resize, hflip, seed, 0
         self.num_classes, self.task = self.spec.num_classes, self.spec.task
+        self.class_names = list(task_class_names(self.folder, self.spec))
         self._plan = self._plan_bands()
 
     def _sample_path(self, name: str) -> Path:
