@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import math
 import shutil
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -18,11 +17,11 @@ from multimae.build import build_encoder, build_pretraining, random_metadata
 from multimae.encoder import MultiModalEncoder, patch_layout
 from multimae.metadata import MetadataAdapter, cyclic_encoding
 from tests.multimae_fixture import random_batch, tiny_cfg
+from tests.terramesh_fixture import convert_terramesh
 from utils.data.mmearth import MMEarthDataset
 from utils.data.mmearth_metadata import _tile_info_pairs, parse_date
 
 S3 = math.sqrt(3) / 2
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cyclic_encodings_match_hand_values():
@@ -178,13 +177,7 @@ def test_metadata_absent_from_the_file_set_is_named_once(mmearth_fileset, tmp_pa
 
 
 def test_real_terramesh_tiles_carry_their_place_and_week(shared_data_dir, tmp_path):
-    src = shared_data_dir / "terramesh_examples"
-    if not src.is_dir():
-        pytest.skip(f"{src} absent")
-    from tools.geotiff_to_mmearth import convert
-
-    out = tmp_path / "terramesh64"
-    convert(REPO / "cfgs" / "data" / "terramesh_examples.yaml", src, out, tile_size=64, progress=False)
+    out = convert_terramesh(shared_data_dir, tmp_path / "terramesh64")
     ds = MMEarthDataset(out, ["s2"], "train", input_size=40, metadata=["week", "lat", "lon"])
     info = json.loads((out / "terramesh64_tile_info.json").read_text())
     with h5py.File(out / "terramesh64.h5", "r") as h5:

@@ -12,6 +12,7 @@ import torch
 import run_pretraining
 from multimae.build import build_pretraining, random_inputs, random_metadata
 from tests.multimae_fixture import DEFAULTS
+from tests.terramesh_fixture import convert_terramesh
 from multimae.heads import LinearHead
 from utils.config import load_config
 from utils.finetune import FineTuneModel, build_backbone, read_pretraining_checkpoint
@@ -183,13 +184,8 @@ def test_pretraining_run_resumes_exactly(mmearth_fileset, tmp_path):
 @pytest.mark.filterwarnings("ignore:metadata field")
 def test_demo_on_real_terramesh_learns_and_its_encoder_probes(shared_data_dir, tmp_path):
     import run_finetuning
-    from tools.geotiff_to_mmearth import convert
 
-    src = shared_data_dir / "terramesh_examples"
-    if not src.is_dir():
-        pytest.skip(f"{src} absent")
-    data = tmp_path / "terramesh64"
-    convert(REPO / "cfgs" / "data" / "terramesh_examples.yaml", src, data, tile_size=64, progress=False)
+    data = convert_terramesh(shared_data_dir, tmp_path / "terramesh64")
     out = tmp_path / "pretrain"
     run_pretraining.main(load_config(REPO / "cfgs/pretrain/moe_mae_demo.yaml",
                                      [f"data_path={data}", f"output_dir={out}", "epochs=10"]))
