@@ -38,8 +38,9 @@ from utils.visualize import save_pictures
 def build_datasets(cfg: dict) -> tuple[MMEarthDataset, MMEarthDataset | None]:
     """Training and validation datasets (``data.val_split`` '' or absent from the splits file -> None).
 
-    Every sample carries the domains the objective needs (:func:`multimae.build.data_domains`), and the
-    objective's worker-side batch transform, if it has one, is attached by :class:`PretrainTask`.
+    Every sample carries the domains the objective needs (:func:`multimae.build.data_domains`) and the
+    encoder's metadata fields (``model.metadata``); the objective's worker-side batch transform, if it has one,
+    is attached by :class:`PretrainTask`.
 
     Raises:
         ValueError: ``data_path`` is not set. Dataset errors name the missing file, split or domain.
@@ -49,7 +50,7 @@ def build_datasets(cfg: dict) -> tuple[MMEarthDataset, MMEarthDataset | None]:
     data = cfg["data"]
     domains = data_domains(cfg)
     common = dict(input_size=data["input_size"], resize=data["resize"], elevation_norm=data["elevation_norm"],
-                  seed=cfg["seed"])
+                  seed=cfg["seed"], metadata=cfg["model"]["metadata"])
     train = MMEarthDataset(cfg["data_path"], domains, data["train_split"], augment=True, hflip=data["hflip"], **common)
     val = None
     if data["val_split"] and data["val_split"] in train.split_names:

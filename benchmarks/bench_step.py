@@ -8,7 +8,10 @@ transform, as the data loader would). Baselines (``--baseline``):
   same number of encoder tokens (K visible + G global: a 1 x K patch grid plus a class token and G - 1
   register tokens), trained with a trivial loss;
 - ``multimae``: the MultiMAE-EO objective (``cfgs/defaults.yaml`` section ``multimae``) around the same
-  encoder (same ``model.*``, ``in_domains``, input size), to compare the step cost of recipes.
+  encoder (same ``model.*``, ``in_domains``, input size), to compare the step cost of recipes;
+- ``dense``: the same objective and config with dense blocks of the same width, depth and heads: timm's MLP
+  (``model.mlp_ratio``) and multi-head attention instead of mixture-of-experts feed-forwards and grouped-query
+  attention, in the encoder and in the objective's decoder (``<objective>.decoder.ffn`` / ``kv_groups``).
 
 Each model has its own AdamW. Steps of the two alternate (ABBA order), so both see the same machine state; the
 median over ``--steps`` timed steps is reported::
@@ -16,9 +19,9 @@ median over ``--steps`` timed steps is reported::
     python benchmarks/bench_step.py --config cfgs/defaults.yaml --batch-size 8 --steps 10
     python benchmarks/bench_step.py --config cfgs/pretrain/demo.yaml --objective multimae --baseline vit
 
-prints ``step_s``, ``baseline_step_s`` and ``ratio`` (and the 1-minute load average at the end:
+prints ``step_s``, ``baseline_step_s``, ``ratio``, ``samples_per_s`` and ``baseline_samples_per_s`` (and the 1-minute load average at the end:
 on a shared machine, other processes inflate every parallel kernel launch, the MultiMAE step has
-more of them than the bare ViT, so the ratio is only meaningful on an otherwise idle machine); on CUDA also ``samples_per_s``,
+more of them than the bare ViT, so the ratio is only meaningful on an otherwise idle machine); on CUDA also
 ``tflops_per_step`` (counted with ``torch.utils.flop_counter``) and ``mfu`` against the bf16 dense
 peak of the GPU (H100: 989 TFLOPS, H200: 989 TFLOPS).
 """
@@ -26,6 +29,7 @@ peak of the GPU (H100: 989 TFLOPS, H200: 989 TFLOPS).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -39,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch.utils.data import default_collate  # noqa: E402
 
-from multimae.build import build_pretraining, random_inputs, resolve_preset  # noqa: E402
+from multimae.build import build_pretraining, random_inputs, random_metadata, resolve_preset  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.throughput import count_flops, peak_tflops  # noqa: E402
 
@@ -47,8 +51,10 @@ from utils.throughput import count_flops, peak_tflops  # noqa: E402
 def random_batch(cfg: dict, objective, batch_size: int, device: torch.device) -> dict:
     """A random batch of ``cfg``'s shapes, through the objective's batch transform (as the loader gives it)."""
     inputs, valid = random_inputs(cfg, batch_size)
+    metadata = random_metadata(cfg, batch_size)
     samples = [{"inputs": {k: v[b] for k, v in inputs.items()}, "valid": {k: v[b] for k, v in valid.items()},
-                "index": b} for b in range(batch_size)]
+                "index": b, **({"metadata": {k: v[b] for k, v in metadata.items()}} if metadata else {})}
+               for b in range(batch_size)]
     transform = objective.batch_transform()
     if transform is not None:
         samples = transform(samples, (torch.arange(batch_size, dtype=torch.int64) * 7919 + 13).numpy().astype("uint64"))
@@ -57,13 +63,27 @@ def random_batch(cfg: dict, objective, batch_size: int, device: torch.device) ->
                 {kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in batch.items()}
 
 
+def dense_config(cfg: dict) -> dict:
+    """``cfg`` with dense blocks of the same width, depth and heads (the ``dense`` baseline)."""
+    out = copy.deepcopy(cfg)
+    size = resolve_preset(cfg["model"]["preset"])
+    out["model"].update(preset={k: size[k] for k in ("dim", "depth", "heads")}, ffn="mlp", ffn_options={},
+                        kv_groups=None)
+    decoder = out[cfg["objective"]].get("decoder", {})
+    if "ffn" in decoder:
+        decoder.update(ffn="mlp", ffn_options={})
+    if "kv_groups" in decoder:
+        decoder["kv_groups"] = None
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, action="append",
                         help="cfgs/defaults.yaml or an experiment YAML (repeat to merge several)")
     parser.add_argument("--objective", default=None, help="override the config's objective")
-    parser.add_argument("--baseline", default=None, choices=("vit", "multimae"),
-                        help="vit (default for multimae) or multimae (default for other objectives)")
+    parser.add_argument("--baseline", default=None, choices=("vit", "multimae", "dense"),
+                        help="vit (default for multimae), multimae (default for other objectives) or dense")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
@@ -114,7 +134,7 @@ def main() -> None:
             feats.float().square().mean().backward()
         tokens = f"encoder_tokens: {k + g}"
     else:
-        base_cfg = {**cfg, "objective": "multimae"}
+        base_cfg = dense_config(cfg) if baseline == "dense" else {**cfg, "objective": "multimae"}
         base_model = build_pretraining(base_cfg).to(device)
         base_opt = adamw(base_model.parameters())
         base_batch = random_batch(base_cfg, base_model, args.batch_size, device)
@@ -123,7 +143,8 @@ def main() -> None:
             with amp:
                 out = base_model(base_batch)
             out["loss"].backward()
-        tokens = f"multimae_encoded_tokens: {cfg['multimae']['masking']['num_encoded_tokens'] + g}"
+        tokens = (f"baseline_params: {sum(x.numel() for x in base_model.parameters())}" if baseline == "dense" else
+                  f"multimae_encoded_tokens: {cfg['multimae']['masking']['num_encoded_tokens'] + g}")
 
     def timed(fwd_bwd, optimizer) -> tuple[float, float]:
         if device.type == "cuda":
@@ -154,12 +175,12 @@ def main() -> None:
     print(f"step_s: {step_s:.4f}")
     print(f"baseline_step_s: {base_s:.4f}")
     print(f"ratio: {step_s / base_s:.3f}")
+    print(f"samples_per_s: {args.batch_size / step_s:.1f}  baseline_samples_per_s: {args.batch_size / base_s:.1f}")
     print(f"step_cpu_s: {cpu_s:.4f}  baseline_step_cpu_s: {base_cpu_s:.4f}  cpu_ratio: {cpu_s / base_cpu_s:.3f}")
     if device.type == "cuda":
         peak = peak_tflops(device)
         flops = count_flops(fwd_bwd_objective)
         base_flops = count_flops(fwd_bwd_baseline)
-        print(f"samples_per_s: {args.batch_size / step_s:.1f}")
         print(f"tflops_per_step: {flops / 1e12:.3f}")
         print(f"baseline_tflops_per_step: {base_flops / 1e12:.3f}")
         if peak is not None:

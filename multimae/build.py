@@ -2,15 +2,20 @@
 
 Presets name the encoder size, MAE-style (``model.preset: base``):
 
-=======  =====  =====  =====  ==========
-preset   width  depth  heads  like
-=======  =====  =====  =====  ==========
-tiny     192    12     3      ViT-Ti
-small    384    12     6      ViT-S
-base     768    12     12     ViT-B
-large    1024   24     16     ViT-L
-=======  =====  =====  =====  ==========
+===========  =====  =====  =====  =========  ============  ========================================
+preset       width  depth  heads  kv groups  expert hidden  like
+===========  =====  =====  =====  =========  ============  ========================================
+tiny         192    12     3      -          -              ViT-Ti
+small        384    12     6      -          -              ViT-S
+base         768    12     12     -          -              ViT-B
+large        1024   24     16     -          -              ViT-L
+moe_mae_s    144    15     8      4          144 -> 72      MoE-MAE S (Albughdadi, arXiv 2509.10919)
+moe_mae_xs   128    12     8      4          96 -> 32       MoE-MAE XS
+moe_mae_xxs  108    9      6      3          81 -> 27       MoE-MAE XXS
+===========  =====  =====  =====  =========  ============  ========================================
 
+The MoE-MAE presets also set grouped-query attention (``model.kv_groups`` when it is null) and, with
+``model.ffn: moe``, the first and last expert hidden size (``model.ffn_options.hidden`` when it is not set).
 ``model.preset`` may also be a mapping ``{dim: ..., depth: ..., heads: ...}`` (tests use tiny custom sizes).
 Config keys read: ``in_domains``, ``data.input_size``, ``model.*`` (the encoder), ``objective`` and its
 section (see ``cfgs/defaults.yaml``). :func:`random_inputs` makes a random batch of the shapes a config
@@ -25,17 +30,22 @@ from typing import Any
 import torch
 
 from multimae.domains import DOMAINS
-from multimae.encoder import MultiModalEncoder
+from multimae.encoder import MultiModalEncoder, patch_layout
+from multimae.metadata import METADATA_FIELDS, check_metadata_fields, cyclic_encoding
 from multimae.objectives import Objective, build_objective, get_objective
 
 __all__ = ["PRESETS", "resolve_preset", "encoder_kwargs", "build_encoder", "build_pretraining", "data_domains",
-           "random_inputs", "model_summary"]
+           "random_inputs", "random_metadata", "model_summary"]
 
-PRESETS: dict[str, dict[str, int]] = {
+PRESETS: dict[str, dict] = {
     "tiny": {"dim": 192, "depth": 12, "heads": 3},
     "small": {"dim": 384, "depth": 12, "heads": 6},
     "base": {"dim": 768, "depth": 12, "heads": 12},
     "large": {"dim": 1024, "depth": 24, "heads": 16},
+    # The source's build_model sizes (models/moe_mae.py: embed_dim, depth, num_heads, num_groups, dfirsth, dlasth).
+    "moe_mae_s": {"dim": 144, "depth": 15, "heads": 8, "kv_groups": 4, "moe_hidden": [144, 72]},
+    "moe_mae_xs": {"dim": 128, "depth": 12, "heads": 8, "kv_groups": 4, "moe_hidden": [96, 32]},
+    "moe_mae_xxs": {"dim": 108, "depth": 9, "heads": 6, "kv_groups": 3, "moe_hidden": [81, 27]},
 }
 
 
@@ -60,8 +70,9 @@ def _positive_int(cfg: dict, key: str) -> int:
     return value
 
 
-def resolve_preset(preset: str | dict) -> dict[str, int]:
-    """Encoder size ``{dim, depth, heads}`` of a preset name or a custom mapping.
+def resolve_preset(preset: str | dict) -> dict:
+    """Encoder size ``{dim, depth, heads}`` of a preset name or a custom mapping (MoE-MAE presets add
+    ``kv_groups`` and ``moe_hidden``).
 
     Raises:
         ValueError: Naming ``model.preset`` for an unknown name or a malformed mapping.
@@ -95,6 +106,10 @@ def encoder_kwargs(cfg: dict, in_domains: Sequence[str] | None = None) -> dict[s
         ValueError: Naming the config key of a missing, mistyped or invalid value.
     """
     size = resolve_preset(_get(cfg, "model.preset", (str, dict)))
+    ffn, ffn_options = _get(cfg, "model.ffn", str), dict(_get(cfg, "model.ffn_options", dict))
+    if ffn == "moe" and "moe_hidden" in size:
+        ffn_options.setdefault("hidden", list(size["moe_hidden"]))
+    kv_groups = _get(cfg, "model.kv_groups", (int, type(None)))
     return dict(
         in_domains=_domain_list(cfg, "in_domains", in_domains),
         input_size=_positive_int(cfg, "data.input_size"),
@@ -107,9 +122,11 @@ def encoder_kwargs(cfg: dict, in_domains: Sequence[str] | None = None) -> dict[s
         domain_embed=_get(cfg, "model.domain_embed", bool),
         class_embed_dim=_positive_int(cfg, "model.class_embed_dim"),
         gsd=float(_get(cfg, "model.gsd", (int, float))),
-        ffn=_get(cfg, "model.ffn", str),
-        ffn_options=dict(_get(cfg, "model.ffn_options", dict)),
+        ffn=ffn,
+        ffn_options=ffn_options,
         pos_embed_grid=_get(cfg, "model.pos_embed_grid", (int, type(None))),
+        kv_groups=size.get("kv_groups") if kv_groups is None else kv_groups,
+        metadata=check_metadata_fields(_get(cfg, "model.metadata", list)),
     )
 
 
@@ -172,6 +189,18 @@ def random_inputs(
     return inputs, valid
 
 
+def random_metadata(cfg: dict, batch_size: int, *, device: torch.device | str | None = None,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Random ``metadata`` for the fields of ``model.metadata``: {field: float32 (B, 2)} (sin, cos) pairs of
+    values drawn uniformly over each field's period (batch contract, docs/DESIGN.md)."""
+    out = {}
+    for name in check_metadata_fields(_get(cfg, "model.metadata", list)):
+        period = METADATA_FIELDS[name].period
+        values = torch.rand(batch_size, generator=generator, dtype=torch.float64) * period
+        out[name] = torch.from_numpy(cyclic_encoding(values.numpy(), period)).to(device)
+    return out
+
+
 def count_trainable(module: torch.nn.Module) -> int:
     """Number of trainable parameter values of ``module``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -188,17 +217,21 @@ def model_summary(cfg: dict) -> str:
     model = build_pretraining(cfg)
     enc = model.encoder
     layout = enc.layout()
-    counts = sorted(set(layout.tokens_per_domain))
+    patches = patch_layout(layout)
+    counts = sorted(set(patches.tokens_per_domain))
+    meta = layout.num_tokens - patches.num_tokens
     lines = [f"objective: {model.name}", f"in_domains: {', '.join(enc.in_domains)}"]
     lines += model.describe() if hasattr(model, "describe") else []
     lines += [
-        f"encoder: dim {enc.dim}, depth {enc.depth}, heads {enc.num_heads}, feed-forward {enc.ffn}",
+        f"encoder: dim {enc.dim}, depth {enc.depth}, heads {enc.num_heads}"
+        f"{'' if enc.kv_groups is None else f' ({enc.kv_groups} key/value groups)'}, feed-forward {enc.ffn}",
         f"input_size: {enc.input_size}",
         f"patch_size: {enc.patch_size}",
-        f"token_layout: {layout.num_tokens} patch tokens + {layout.num_global_tokens} global",
+        f"token_layout: {patches.num_tokens} patch tokens"
+        f"{f' + {meta} metadata (always visible)' if meta else ''} + {layout.num_global_tokens} global",
         *[f"  {line}" for line in layout.describe()],
-        f"tokens_per_domain: {counts[0] if len(counts) == 1 else dict(zip(layout.domains, layout.tokens_per_domain))}",
-        f"total_tokens: {layout.num_tokens}",
+        f"tokens_per_domain: {counts[0] if len(counts) == 1 else dict(zip(patches.domains, patches.tokens_per_domain))}",
+        f"total_tokens: {patches.num_tokens}",
         f"global_tokens: {enc.num_global_tokens}",
         f"params_input_adapters: {count_trainable(enc.input_adapters)}",
         f"params_encoder: {count_trainable(enc) - count_trainable(enc.input_adapters)}",

@@ -14,13 +14,20 @@ Sosa et al., "MultiMAE Meets Earth Observation", ICIP 2025; the same encoder ser
    depth linear over depth, no final norm, as in the reference). :meth:`MultiModalEncoder.encode` does
    1 and 3 with every token visible (fine-tuning, probes, pictures).
 
-Parameter names: ``input_adapters.<domain>.*``, ``blocks.<i>.*`` (timm's ``blocks.<i>.*``), ``global_tokens``
-and, with ``domain_embed``, ``domain_embeds.<domain>``. Position embeddings are non-persistent buffers.
+Parameter names: ``input_adapters.<domain>.*``, ``blocks.<i>.*`` (timm's ``blocks.<i>.*``), ``global_tokens``,
+with ``domain_embed`` ``domain_embeds.<domain>``, with ``metadata`` ``metadata_adapter.*``. Position embeddings
+are non-persistent buffers.
 
 The feed-forward of every block is pluggable (timm ``Block(mlp_layer=...)``): :data:`FFN_LAYERS` maps a
-name to a factory; a feed-forward module may set an ``aux_loss`` attribute during its forward (e.g. a
-mixture-of-experts load-balance loss), which :meth:`MultiModalEncoder.pop_aux_loss` collects for the
-objective's total.
+name to a factory (``moe``: :mod:`multimae.moe`); a feed-forward module may set an ``aux_loss`` attribute
+during its forward (e.g. a mixture-of-experts load-balance loss), which :meth:`MultiModalEncoder.pop_aux_loss`
+collects for the objective's total. ``kv_groups`` switches the attention to grouped-query attention
+(:class:`multimae.moe.GroupedQueryAttention`).
+
+Metadata tokens (``metadata``, :mod:`multimae.metadata`): one token per image-level field (latitude, time of
+year, ...), appended after the patch tokens as non-grid segments of the layout, always visible: objectives mask
+the grid segments only (:func:`patch_layout`) and pass the metadata positions to :meth:`encode_visible` with
+the visible patches.
 
 No-data handling: pixels where ``valid`` is False are set to 0 (continuous) or ``IGNORE_INDEX`` (class
 maps) before the adapters, so their stored values cannot change any output; token validity (a patch with at
@@ -42,20 +49,25 @@ from torch import nn
 from multimae.adapters import CategoricalAdapter, PatchAdapter, patch_validity
 from multimae.domains import DOMAINS, IGNORE_INDEX, Domain
 from multimae.layout import TokenLayout
+from multimae.metadata import MetadataAdapter
+from multimae.moe import gqa_layer, moe_feed_forward
 
-__all__ = ["FFN_LAYERS", "MultiModalEncoder", "Tokens", "init_linear_layers", "resolve_domain"]
+__all__ = ["FFN_LAYERS", "MultiModalEncoder", "Tokens", "init_linear_layers", "resolve_domain", "patch_layout",
+           "pop_block_aux_loss"]
 
 #: Feed-forward kinds of the encoder blocks: name -> factory(options, block index, depth) -> ``mlp_layer``
 #: for timm's ``Block`` (called as ``mlp_layer(in_features=, hidden_features=, act_layer=, ...)``).
 FFN_LAYERS: dict[str, Callable[[dict, int, int], Callable[..., nn.Module]]] = {
     "mlp": lambda options, index, depth: Mlp,
+    "moe": moe_feed_forward,
 }
 
 #: Keys of :attr:`MultiModalEncoder.spec`, the architecture a checkpoint stores to rebuild the encoder.
 SPEC_KEYS = ("in_domains", "input_size", "patch_size", "patch_sizes", "dim", "depth", "num_heads", "mlp_ratio",
-             "num_global_tokens", "domain_embed", "class_embed_dim", "gsd", "ffn", "ffn_options", "pos_embed_grid")
+             "num_global_tokens", "domain_embed", "class_embed_dim", "gsd", "ffn", "ffn_options", "pos_embed_grid",
+             "kv_groups", "metadata")
 #: Spec keys added after the first checkpoints were written, with the value those checkpoints imply.
-_SPEC_DEFAULTS = {"pos_embed_grid": None}
+_SPEC_DEFAULTS = {"pos_embed_grid": None, "kv_groups": None, "metadata": []}
 
 
 def resolve_domain(name: str, key: str) -> Domain:
@@ -90,13 +102,35 @@ def init_linear_layers(module: nn.Module) -> None:
             nn.init.zeros_(sub.bias)
 
 
+def patch_layout(layout: TokenLayout) -> TokenLayout:
+    """The layout of the patch tokens only: ``layout`` without its non-grid (metadata) segments.
+
+    The encoder lays every grid segment before the metadata segments, so the patch tokens are the first
+    ``patch_layout(layout).num_tokens`` of the sequence and their positions are unchanged.
+    """
+    grid = tuple(s for s in layout.segments if s.is_grid)
+    return TokenLayout(grid, layout.num_global_tokens, layout.base_patch_size, layout.image_size)
+
+
+def pop_block_aux_loss(blocks) -> torch.Tensor | None:
+    """Sum of the ``aux_loss`` tensors the feed-forward modules (``block.mlp``) of ``blocks`` set in their last
+    forward, or None; each collected attribute is reset to None, so a loss is counted once."""
+    total = None
+    for block in blocks:
+        loss = getattr(block.mlp, "aux_loss", None)
+        if loss is not None:
+            total = loss if total is None else total + loss
+            block.mlp.aux_loss = None
+    return total
+
+
 @dataclass
 class Tokens:
     """The output of :meth:`MultiModalEncoder.tokenize`.
 
     Attributes:
         tokens: (B, N, D) patch tokens of every input domain with their position (and domain) embeddings,
-            in layout order.
+            in layout order, then the metadata tokens (always valid).
         valid: bool (B, N), True where a token's patch holds at least one valid pixel; None when the batch
             carried no validity masks (every token valid).
         layout: Where each domain's tokens are (:class:`~multimae.layout.TokenLayout`).
@@ -131,13 +165,17 @@ class MultiModalEncoder(nn.Module):
         pos_embed_grid: None: sin-cos position embeddings of the patch centres. A grid (tokens per side): the
             sin-cos table of that grid resized to each token grid (MultiMAE's convention, e.g. 28 for its 224 px
             tables at patch 8; bicubic for image adapters, bilinear for class maps); needs one patch size.
+        kv_groups: None: multi-head attention (timm's). A divisor of ``num_heads``: grouped-query attention with
+            that many key / value heads.
+        metadata: Metadata fields (:data:`multimae.metadata.METADATA_FIELDS`), one always-visible token each.
         init_weights: Initialise the weights now (:meth:`init_weights`). An objective that builds further
             modules first passes False and calls :meth:`init_weights` itself, so the initialisation order
             of the whole model is fixed by the objective.
 
     Raises:
         ValueError: On unknown, duplicate or output-only domains, a patch size that does not divide the input
-            size, or an unknown feed-forward kind (the message names the config key).
+            size, an unknown feed-forward kind or invalid options of it, ``kv_groups`` not dividing ``num_heads``,
+            or an unknown metadata field (the message names the config key).
     """
 
     def __init__(
@@ -159,6 +197,8 @@ class MultiModalEncoder(nn.Module):
         ffn: str = "mlp",
         ffn_options: dict | None = None,
         pos_embed_grid: int | None = None,
+        kv_groups: int | None = None,
+        metadata: Sequence[str] = (),
         init_weights: bool = True,
     ) -> None:
         super().__init__()
@@ -200,6 +240,9 @@ class MultiModalEncoder(nn.Module):
             raise ValueError("model.pos_embed_grid (resized base-grid tables) needs a positive grid and one patch size "
                              f"for every domain; got {pos_embed_grid} with model.patch_sizes {patch_sizes}")
         self.pos_embed_grid = pos_embed_grid
+        if kv_groups is not None and (kv_groups < 1 or num_heads % kv_groups):
+            raise ValueError(f"model.kv_groups {kv_groups} must be a positive divisor of the {num_heads} attention heads")
+        self.kv_groups = kv_groups
         self._extra_patch_sizes = {d: p for d, p in patch_sizes.items() if d not in in_domains}
 
         self.input_adapters = nn.ModuleDict()
@@ -220,11 +263,13 @@ class MultiModalEncoder(nn.Module):
         self.domain_embeds = (
             nn.ParameterDict([(d, nn.Parameter(torch.zeros(1, 1, dim))) for d in in_domains]) if domain_embed else None
         )
+        self.metadata_adapter = MetadataAdapter(metadata, dim) if metadata else None
         self.global_tokens = nn.Parameter(torch.zeros(1, num_global_tokens, dim))
         rates = torch.linspace(0, drop_path, depth).tolist()
+        attn = {} if kv_groups is None else {"attn_layer": gqa_layer(kv_groups)}
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate,
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                  norm_layer=partial(nn.LayerNorm, eps=1e-6), **attn,
                   mlp_layer=FFN_LAYERS[ffn](self.ffn_options, i, depth))
             for i, rate in enumerate(rates)
         )
@@ -242,6 +287,7 @@ class MultiModalEncoder(nn.Module):
             "num_global_tokens": self.num_global_tokens, "domain_embed": self.domain_embed,
             "class_embed_dim": self.class_embed_dim, "gsd": self.gsd, "ffn": self.ffn,
             "ffn_options": dict(self.ffn_options), "pos_embed_grid": self.pos_embed_grid,
+            "kv_groups": self.kv_groups, "metadata": list(self.metadata_fields),
         }
 
     @classmethod
@@ -275,12 +321,20 @@ class MultiModalEncoder(nn.Module):
             for p in self.domain_embeds.values():
                 nn.init.trunc_normal_(p, std=0.02)
         init_linear_layers(self)
+        if self.metadata_adapter is not None:
+            self.metadata_adapter.init_missing()
+
+    @property
+    def metadata_fields(self) -> list[str]:
+        """Metadata fields of the metadata tokens, in token order (empty without metadata tokens)."""
+        return [] if self.metadata_adapter is None else list(self.metadata_adapter.fields)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay: tokens and embeddings (position embeddings are buffers)."""
         names = {"global_tokens"}
         for name, _ in self.named_parameters():
-            if name.startswith("domain_embeds.") or name.endswith(".class_embed.weight"):
+            if (name.startswith(("domain_embeds.", "metadata_adapter.missing.")) or
+                    name.endswith(".class_embed.weight")):
                 names.add(name)
         return names
 
@@ -300,6 +354,7 @@ class MultiModalEncoder(nn.Module):
             if h % p or w % p:
                 raise ValueError(f"domain {name!r}: image size {h} x {w} px is not divisible by its patch size {p}")
             entries.append((name, (h // p) * (w // p), (h // p, w // p), p, self.gsd))
+        entries += [(field, 1, None, None, None) for field in self.metadata_fields]
         return TokenLayout.build(entries, num_global_tokens=self.num_global_tokens, base_patch_size=self.patch_size,
                                  image_size=(h, w))
 
@@ -330,13 +385,16 @@ class MultiModalEncoder(nn.Module):
         if any(shape != first for shape in shapes.values()):
             raise ValueError(f"input domains differ in batch size or image size (H, W, B): {shapes}")
 
-    def tokenize(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> Tokens:
-        """Embed every input domain.
+    def tokenize(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None,
+                 metadata: dict[str, torch.Tensor] | None = None) -> Tokens:
+        """Embed every input domain (and the metadata, when the encoder has metadata tokens).
 
         Args:
             inputs: {domain: float (B, C, H, W) z-scored, or int64 class map (B, H, W)} for every in_domain;
                 other keys are ignored.
             valid: Optional {domain: bool (B, H, W)}, True where the pixel is valid.
+            metadata: Optional {field: float (B, 2) (sin, cos)}, NaN where absent (batch key ``metadata``); an
+                absent field or pair gets the field's learned missing embedding. Ignored without metadata tokens.
 
         Returns:
             :class:`Tokens`: (B, N, D) tokens, (B, N) token validity (or None) and the layout.
@@ -361,6 +419,9 @@ class MultiModalEncoder(nn.Module):
             token_valid.append(None if v is None else patch_validity(v, self.patch_sizes[name]))
         h, w = inputs[self.in_domains[0]].shape[-2:]
         layout = self.layout((h, w))
+        if self.metadata_adapter is not None:
+            tokens.append(self.metadata_adapter(metadata, tokens[0].shape[0]).to(tokens[0].dtype))
+            token_valid.append(None)
         if any(tv is not None for tv in token_valid):
             b = tokens[0].shape[0]
             token_valid = [torch.ones(b, seg.num_tokens, dtype=torch.bool, device=tokens[0].device) if tv is None
@@ -392,32 +453,27 @@ class MultiModalEncoder(nn.Module):
         visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # (B, K, D)
         return self.forward_blocks(visible)
 
-    def encode(self, inputs: dict[str, torch.Tensor], *, valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def encode(self, inputs: dict[str, torch.Tensor], *, valid: dict[str, torch.Tensor] | None = None,
+               metadata: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Encode every token of every input domain (no masking): fine-tuning, probes, pictures.
 
         Args:
             inputs: {domain: float (B, C, H, W) or int64 class map (B, H, W)} for every in_domain.
             valid: Optional {domain: bool (B, H, W)}; invalid pixels are filled before embedding.
+            metadata: Optional {field: float (B, 2)} (see :meth:`tokenize`).
 
         Returns:
-            (B, N + G, D): the tokens of each input domain in layout order (each row-major over its grid),
-            then the G global tokens **last**.
+            (B, N + G, D): the tokens of each input domain in layout order (each row-major over its grid), the
+            metadata tokens, then the G global tokens **last**.
         """
-        return self.forward_blocks(self.tokenize(inputs, valid).tokens)
+        return self.forward_blocks(self.tokenize(inputs, valid, metadata).tokens)
 
-    def forward(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None,
+                metadata: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Same as :meth:`encode`."""
-        return self.encode(inputs, valid=valid)
+        return self.encode(inputs, valid=valid, metadata=metadata)
 
     def pop_aux_loss(self) -> torch.Tensor | None:
-        """Sum of the ``aux_loss`` tensors the blocks' feed-forward modules set in the last forward, or None.
-
-        Each collected attribute is reset to None, so a loss is counted once.
-        """
-        total = None
-        for block in self.blocks:
-            loss = getattr(block.mlp, "aux_loss", None)
-            if loss is not None:
-                total = loss if total is None else total + loss
-                block.mlp.aux_loss = None
-        return total
+        """Sum of the ``aux_loss`` tensors the blocks' feed-forward modules set in the last forward, or None
+        (:func:`pop_block_aux_loss`)."""
+        return pop_block_aux_loss(self.blocks)

@@ -126,7 +126,10 @@ def test_objective_and_sections_of_other_objectives(tmp_path, monkeypatch):
                                           r"trains objective 'multimae'"):
         load_config(exp, [], defaults=path)
     assert load_config(exp, ["objective=dummy"], defaults=path)["dummy"]["depth"] == 2
-    with pytest.raises(ConfigError, match="command line: key multimae.masking belongs to objective 'multimae'"):
+    restated = tmp_path / "resolved.yaml"  # a resolved config.yaml restates every section's defaults
+    restated.write_text(yaml.safe_dump(load_config(None, [], defaults=path)))
+    assert load_config(restated, [], defaults=path)["objective"] == "multimae"
+    with pytest.raises(ConfigError, match="command line: key multimae.masking.alphas belongs to objective .multimae."):
         load_config(exp, ["objective=dummy", "multimae.masking.alphas=2.0"], defaults=path)
 
 

@@ -186,12 +186,26 @@ def _objective_sections() -> tuple[str, ...]:
     return tuple(OBJECTIVES)
 
 
-def check_objective_sections(cfg: dict, layers: list[tuple[str, dict]]) -> None:
+def _changed_keys(raw, default, prefix: str) -> list[str]:
+    """Dotted keys of ``raw`` whose value differs from ``default`` (a resolved config restates defaults)."""
+    if isinstance(raw, dict) and isinstance(default, dict):
+        out = []
+        for key, value in raw.items():
+            out += _changed_keys(value, default.get(key), f"{prefix}.{key}")
+        return out
+    return [] if raw == default else [prefix]
+
+
+def check_objective_sections(cfg: dict, layers: list[tuple[str, dict]], defaults: dict | None = None) -> None:
     """Refuse settings of an objective other than ``cfg["objective"]``.
+
+    A layer may restate another objective's defaults (a resolved ``config.yaml`` holds every section); a value
+    that differs from the default is a setting.
 
     Args:
         cfg: The merged config.
         layers: ``(source, raw override dict)`` of every file and the command line, in merge order.
+        defaults: The defaults the layers were merged into (None: any key of another section counts).
 
     Raises:
         ConfigError: ``objective`` is not registered (lists the choices), or a layer sets a key of another
@@ -203,11 +217,12 @@ def check_objective_sections(cfg: dict, layers: list[tuple[str, dict]]) -> None:
                           f"{', '.join(sections)}")
     for source, raw in layers:
         for key in raw:
-            if key in sections and key != cfg["objective"]:
-                sub = next(iter(raw[key]), "") if isinstance(raw[key], dict) else ""
-                raise ConfigError(f"{source}: key {key}{'.' + sub if sub else ''} belongs to objective {key!r}, but "
-                                  f"this config trains objective {cfg['objective']!r} (set objective={key} or drop "
-                                  "the key)")
+            if key not in sections or key == cfg["objective"]:
+                continue
+            changed = _changed_keys(raw[key], (defaults or {}).get(key, object()), key)
+            if changed:
+                raise ConfigError(f"{source}: key {changed[0]} belongs to objective {key!r}, but this config "
+                                  f"trains objective {cfg['objective']!r} (set objective={key} or drop the key)")
 
 
 def load_config(paths: str | Path | Iterable[str | Path] | None = None, overrides: Iterable[str] = (),
@@ -226,7 +241,7 @@ def load_config(paths: str | Path | Iterable[str | Path] | None = None, override
         ConfigError: a file is missing or invalid, a key is unknown, a value has the wrong type, or a key
             belongs to another objective than ``objective``.
     """
-    cfg = _read_yaml(Path(defaults))
+    cfg = defaults_cfg = _read_yaml(Path(defaults))
     if paths is None:
         paths = []
     elif isinstance(paths, (str, Path)):
@@ -235,7 +250,7 @@ def load_config(paths: str | Path | Iterable[str | Path] | None = None, override
     layers.append(("command line", parse_overrides(overrides)))
     for source, raw in layers:
         cfg = merge_config(cfg, raw, source)
-    check_objective_sections(cfg, layers)
+    check_objective_sections(cfg, layers, defaults_cfg)
     return cfg
 
 

@@ -6,6 +6,8 @@ input, mask, prediction, target.
 Kind ``embedding_map`` (fine-tuning probes, :func:`save_embedding_map`): a 2-D t-SNE map (van der Maaten and
 Hinton, JMLR 2008; scikit-learn's ``TSNE``) of the frozen encoder's pooled embeddings, one dot per sample coloured
 by its label.
+Any kind may carry ``expert_usage`` (mixture-of-experts layers, :func:`save_expert_usage`): a heat map of the
+share of tokens each layer routed to each of its experts, written to ``<output_dir>/expert_usage/``.
 
 Rendering per domain kind (matplotlib, Agg backend, no display needed):
 
@@ -38,7 +40,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from multimae.criterion import norm_pix_target  # noqa: E402
 from multimae.domains import IGNORE_INDEX, get_domain  # noqa: E402
 
-__all__ = ["save_pictures", "save_reconstructions", "save_prediction_preview", "save_embedding_map"]
+__all__ = ["save_pictures", "save_reconstructions", "save_prediction_preview", "save_embedding_map", "save_expert_usage"]
 
 _GREY = np.array([0.55, 0.55, 0.55])
 _MIN_HALF_RANGE = 0.25  # z-score units
@@ -123,7 +125,8 @@ def save_pictures(output_dir: str | Path, tag: str, data: dict) -> list[Path]:
         tag: File-name suffix, e.g. ``step000120``.
         data: ``{"kind": ..., ...}``; kind ``reconstruction``: the keyword arguments of
             :func:`save_reconstructions` (``inputs``, ``valid``, ``preds``, ``masks``, ``patch_sizes``, ``norm_pix``);
-            kind ``embedding_map``: those of :func:`save_embedding_map` (into ``<output_dir>/embedding_maps/``).
+            kind ``embedding_map``: those of :func:`save_embedding_map` (into ``<output_dir>/embedding_maps/``);
+            any kind: optional ``expert_usage`` (the argument of :func:`save_expert_usage`).
 
     Returns:
         Paths of the written PNG files.
@@ -132,11 +135,13 @@ def save_pictures(output_dir: str | Path, tag: str, data: dict) -> list[Path]:
         ValueError: an unknown kind.
     """
     kind = data.get("kind")
+    usage = save_expert_usage(Path(output_dir) / "expert_usage", tag, data.get("expert_usage") or {})
     if kind == "reconstruction":
-        args = {k: v for k, v in data.items() if k != "kind"}
-        return save_reconstructions(Path(output_dir) / "reconstructions", tag, **args)
+        args = {k: v for k, v in data.items() if k not in ("kind", "expert_usage")}
+        return usage + save_reconstructions(Path(output_dir) / "reconstructions", tag, **args)
     if kind == "embedding_map":
-        return [save_embedding_map(Path(output_dir) / "embedding_maps", tag, **{k: v for k, v in data.items() if k != "kind"})]
+        args = {k: v for k, v in data.items() if k not in ("kind", "expert_usage")}
+        return usage + [save_embedding_map(Path(output_dir) / "embedding_maps", tag, **args)]
     raise ValueError(f"no picture writer for kind {kind!r}")
 
 
@@ -291,3 +296,45 @@ def save_embedding_map(folder: str | Path, tag: str, embeddings, labels, *, clas
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def save_expert_usage(folder: str | Path, tag: str, usage: dict[str, torch.Tensor]) -> list[Path]:
+    """Heat map of the expert usage of every mixture-of-experts layer: rows = layers, columns = experts.
+
+    A cell is the share of the layer's tokens routed to that expert (each token goes to k experts, so a row
+    sums to k; an even split is k / E); layers with fewer experts leave their extra cells blank.
+
+    Args:
+        folder: Destination (``<output_dir>/expert_usage``), created if needed.
+        tag: File-name suffix; the file is ``expert_usage_<tag>.png``.
+        usage: ``{layer name: (E,) share per expert}`` in layer order (:func:`multimae.moe.expert_usage`);
+            empty: nothing is written.
+
+    Returns:
+        The written PNG path (an empty list for no layers).
+    """
+    if not usage:
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [n.removesuffix(".mlp") for n in usage]
+    width = max(int(u.numel()) for u in usage.values())
+    grid = np.full((len(usage), width), np.nan)
+    for row, u in enumerate(usage.values()):
+        grid[row, :u.numel()] = u.detach().float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(1.4 + 0.7 * width, 0.9 + 0.32 * len(names)))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for (r, c), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > 0.6 else "white")
+    ax.set_xticks(range(width), [str(e) for e in range(width)], fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("expert", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, label="share of tokens routed")
+    ax.set_title(f"expert usage, {tag}", fontsize=9)
+    fig.tight_layout()
+    path = folder / f"expert_usage_{tag}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]

@@ -15,6 +15,11 @@ training step:
 5. :class:`~multimae.criterion.MultiMAECriterion`: masked MSE / L1 / cross-entropy per domain on masked
    tokens and valid pixels, in fp32, summed (or uncertainty-weighted).
 
+Metadata tokens (``model.metadata``) are always visible: the budget K counts patch tokens only, the encoder
+sees the K patches plus every metadata token, and the decoders attend to the encoded metadata tokens with the
+global tokens (context without a position). A feed-forward auxiliary loss (``model.ffn: moe``) is added to the
+total with weight 1 and logged as ``aux``.
+
 Parameter names: ``encoder.*`` (:mod:`multimae.encoder`), ``decoders.<domain>.*``, ``criterion.log_vars.*``
 (uncertainty weighting only). Config section ``multimae`` (``cfgs/defaults.yaml``).
 """
@@ -29,8 +34,9 @@ from torch import nn
 from multimae.criterion import MultiMAECriterion
 from multimae.decoders import SpatialDecoder
 from multimae.domains import DOMAINS
-from multimae.encoder import MultiModalEncoder, resolve_domain
+from multimae.encoder import MultiModalEncoder, patch_layout, resolve_domain
 from multimae.masking import mask_to_ids, random_masks, split_masks
+from multimae.moe import expert_usage
 from multimae.objectives.base import Objective
 
 __all__ = ["MultiMAEObjective"]
@@ -88,7 +94,7 @@ class MultiMAEObjective(Objective):
             dom = resolve_domain(name, "multimae.out_domains")
             if dom.source is not None and dom.source not in encoder.in_domains:
                 raise ValueError(f"multimae.out_domains: {name!r} reconstructs {dom.source!r}, which is not in in_domains")
-        layout = encoder.layout()
+        layout = patch_layout(encoder.layout())
         if not 1 <= num_encoded_tokens <= layout.num_tokens:
             raise ValueError(
                 f"multimae.masking.num_encoded_tokens is {num_encoded_tokens}, but {len(layout.segments)} input "
@@ -193,6 +199,7 @@ class MultiMAEObjective(Objective):
         masks: dict[str, torch.Tensor] | None = None,
         mask_all_visible: bool = False,
         generator: torch.Generator | None = None,
+        metadata: dict[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Mask, encode and reconstruct every output domain.
 
@@ -200,6 +207,7 @@ class MultiMAEObjective(Objective):
             inputs: {domain: float (B, C, H, W) z-scored, or int64 class map (B, H, W)}; every in_domain is
                 required, other keys are ignored.
             valid: Optional {domain: bool (B, H, W)}, True where the pixel is valid.
+            metadata: Optional {field: float (B, 2)} for the encoder's metadata tokens (always visible).
             num_encoded_tokens: Budget K (default: the objective's).
             alphas: Dirichlet concentration (default: the objective's).
             sample_domains_uniformly: Uniform domain-subset option (default: the objective's).
@@ -217,15 +225,17 @@ class MultiMAEObjective(Objective):
             ValueError: On a missing domain, a wrong channel count, dtype or image size, K larger than the
                 number of tokens, or malformed given masks.
         """
-        tok = self.encoder.tokenize(inputs, valid)
-        tokens, layout = tok.tokens, tok.layout
-        b = tokens.shape[0]
+        tok = self.encoder.tokenize(inputs, valid, metadata)
+        tokens, layout = tok.tokens, patch_layout(tok.layout)  # masks and decoders see the patch tokens only
+        b, n = tokens.shape[0], layout.num_tokens
         mask, k = self._make_mask(
-            layout, b, tok.valid, tokens.device, num_encoded_tokens=num_encoded_tokens, alphas=alphas,
-            uniform=sample_domains_uniformly, masks=masks, mask_all_visible=mask_all_visible, generator=generator,
+            layout, b, None if tok.valid is None else tok.valid[:, :n], tokens.device,
+            num_encoded_tokens=num_encoded_tokens, alphas=alphas, uniform=sample_domains_uniformly, masks=masks,
+            mask_all_visible=mask_all_visible, generator=generator,
         )
         ids_keep, ids_restore = mask_to_ids(mask, k)
-        encoded = self.encoder.encode_visible(tokens, ids_keep)  # (B, K + G, D)
+        always = torch.arange(n, tokens.shape[1], device=tokens.device).expand(b, -1)  # metadata tokens (B, M)
+        encoded = self.encoder.encode_visible(tokens, torch.cat([ids_keep, always], dim=1))  # (B, K + M + G, D)
         preds = {d: self.decoders[d](encoded, ids_keep, ids_restore, layout) for d in self.out_domains}
         out_masks = split_masks(mask, layout.domains, layout.tokens_per_domain)
         for d in self.out_domains:
@@ -240,7 +250,8 @@ class MultiMAEObjective(Objective):
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Masked reconstruction losses of a batch: ``{"loss": total, "<domain>": per-domain loss, ...}``."""
-        preds, masks = self.predict(batch["inputs"], valid=batch["valid"], generator=generator)
+        preds, masks = self.predict(batch["inputs"], valid=batch["valid"], generator=generator,
+                                    metadata=batch.get("metadata"))
         losses = self.criterion(preds, batch["inputs"], masks, batch["valid"])
         aux = self.encoder.pop_aux_loss()
         if aux is not None:
@@ -250,7 +261,9 @@ class MultiMAEObjective(Objective):
 
     def pictures(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         """Masked inputs, predictions and targets of ``batch`` for ``utils.visualize`` (kind ``reconstruction``)."""
-        preds, masks = self.predict(batch["inputs"], valid=batch["valid"], generator=generator)
+        preds, masks = self.predict(batch["inputs"], valid=batch["valid"], generator=generator,
+                                    metadata=batch.get("metadata"))
         self.encoder.pop_aux_loss()
         return {"kind": "reconstruction", "inputs": batch["inputs"], "valid": batch["valid"], "preds": preds,
-                "masks": masks, "patch_sizes": dict(self.criterion.patch_sizes), "norm_pix": sorted(self.criterion.norm_pix)}
+                "masks": masks, "patch_sizes": dict(self.criterion.patch_sizes), "norm_pix": sorted(self.criterion.norm_pix),
+                "expert_usage": expert_usage(self.encoder.blocks, "encoder.blocks.")}

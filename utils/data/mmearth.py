@@ -33,6 +33,7 @@ from utils.data.mmearth_files import (
     S2_PRODUCTS, check_modality_dataset, invalid_mask, load_band_stats, load_splits, read_s2_products,
     resolve_fileset,
 )
+from utils.data.mmearth_metadata import MMEarthMetadata
 
 __all__ = ["MMEarthDataset", "domain_record", "standardize_per_tile"]
 
@@ -132,7 +133,8 @@ class MMEarthDataset(Dataset):
     pixels 0; categorical domains are int64 (H, W) class ids 0..K-1 with ``IGNORE_INDEX`` (-1) for
     no-data; ``valid`` is bool (H, W) (image-level domains: (C,) vectors and a () mask). ``index`` is
     the HDF5 row. Output-only domains (``Domain.source`` set, e.g. ``s2_rgb_normpix``) are not in the
-    sample; their source domain is loaded instead.
+    sample; their source domain is loaded instead. With ``metadata``, the sample also holds ``"metadata":
+    {field: float32 (2,)}`` (sin, cos) pairs, NaN where absent (:mod:`utils.data.mmearth_metadata`).
 
     Args:
         data_path: The ``<stem>.h5`` file or the folder holding it and its side files.
@@ -154,6 +156,8 @@ class MMEarthDataset(Dataset):
             depends only on (seed, epoch, HDF5 row). Settable as an attribute.
         rdcc_nbytes: HDF5 chunk-cache size per dataset (None = h5py's default); only the fallback
             read path uses it.
+        metadata: Metadata fields to deliver (:data:`multimae.metadata.METADATA_FIELDS`, config key
+            ``model.metadata``); a field the file set lacks is NaN for every sample, with one warning.
 
     Raises:
         FileNotFoundError: missing HDF5 or side file. KeyError: unknown domain / split, missing HDF5
@@ -165,6 +169,7 @@ class MMEarthDataset(Dataset):
         self, data_path, domains: Sequence[str], split: str = "train", *, input_size: int | None = None,
         augment: bool = False, hflip: float = 0.5, resize: bool = False, elevation_norm: str = "per_tile",
         seed: int = 0, indices=None, rdcc_nbytes: int | None = None, batch_transform=None,
+        metadata: Sequence[str] = (),
     ) -> None:
         if isinstance(domains, str) or not domains:
             raise ValueError(f"domains must be a non-empty list of domain names, got {domains!r}")
@@ -185,6 +190,9 @@ class MMEarthDataset(Dataset):
             if d.kind == "onehot" and d.level != "image":
                 raise ValueError(f"domain {d.name!r}: one-hot modality {d.modality!r} must be image-level")
         self._modalities = {d.modality: get_modality(d.modality) for d in self._loaded}
+        self._metadata = MMEarthMetadata(self.files, metadata) if metadata else None
+        if self._metadata is not None:  # its HDF5 datasets are read per row with the others
+            self._modalities.update(self._metadata.modalities)
         self._open_and_check(split, indices)
         self.input_size = self.tile_size if input_size is None else int(input_size)
         if self.input_size <= 0 or (self.tile_size and self.input_size > self.tile_size and not self.resize):
@@ -385,6 +393,10 @@ class MMEarthDataset(Dataset):
              "index": int(rows[b])}
             for b in range(len(rows))
         ]
+        if self._metadata is not None:
+            meta = {k: torch.from_numpy(v) for k, v in self._metadata.batch(raw, rows).items()}
+            for b, sample in enumerate(samples):
+                sample["metadata"] = {k: t[b] for k, t in meta.items()}
         if self.batch_transform is not None:
             samples = self.batch_transform(samples, self.sample_seeds(rows))
         return samples
