@@ -90,7 +90,7 @@ def resolve_fileset(data_path: str | Path) -> MMEarthFiles:
 def _load_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
@@ -100,8 +100,12 @@ def _load_json(path: Path) -> dict:
 def load_splits(path: Path, num_rows: int) -> dict[str, np.ndarray]:
     """Read ``<stem>_splits.json``: split name -> int64 array of HDF5 row indices.
 
+    Every split must list each row at most once, every row must lie in ``[0, num_rows)``, and no row may
+    belong to two splits (a validation row inside the training split would make validation lie).
+
     Raises:
-        ValueError: a split is not a list of integers in ``[0, num_rows)`` (names file, split, value).
+        ValueError: a split is not a list of integers, holds a row outside the file or twice, or shares
+            rows with another split (the message names the file, the splits and a row).
     """
     out = {}
     for name, rows in _load_json(path).items():
@@ -112,7 +116,19 @@ def load_splits(path: Path, num_rows: int) -> dict[str, np.ndarray]:
         bad = arr[(arr < 0) | (arr >= num_rows)]
         if bad.size:
             raise ValueError(f"{path}: split {name!r} holds row {int(bad[0])}, outside [0, {num_rows})")
+        uniq, counts = np.unique(arr, return_counts=True)
+        if uniq.size != arr.size:
+            dup = uniq[counts > 1]
+            raise ValueError(f"{path}: split {name!r} lists {arr.size - uniq.size} rows more than once "
+                             f"(row {int(dup[0])} {int(counts[counts > 1][0])} times); each row may appear once")
         out[name] = arr
+    names = list(out)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = np.intersect1d(out[a], out[b], assume_unique=True)
+            if shared.size:
+                raise ValueError(f"{path}: splits {a!r} and {b!r} share {shared.size} rows (e.g. row "
+                                 f"{int(shared[0])}); splits must be disjoint")
     return out
 
 
