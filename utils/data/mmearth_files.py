@@ -16,8 +16,8 @@ import numpy as np
 
 from multimae.domains import Modality
 
-__all__ = ["MMEarthFiles", "resolve_fileset", "load_splits", "load_band_stats", "read_s2_products",
-           "check_modality_dataset", "invalid_mask", "S2_PRODUCTS"]
+__all__ = ["MMEarthFiles", "DataFileError", "resolve_fileset", "load_splits", "load_band_stats", "read_s2_products",
+           "check_modality_dataset", "invalid_mask", "physical_range_violation", "S2_PRODUCTS"]
 
 #: Sentinel-2 product levels, in the order of the product codes used by the dataset (0 = l1c, 1 = l2a).
 S2_PRODUCTS = ("l1c", "l2a")
@@ -37,6 +37,39 @@ def invalid_mask(modality: Modality, x: np.ndarray) -> np.ndarray:
     if modality.valid_min is not None:
         bad |= x < modality.valid_min
     return bad
+
+
+class DataFileError(ValueError):
+    """A data file is unreadable or damaged (truncated HDF5, corrupt chunks, too many bad rows).
+
+    The message names the file and, for row faults, the dataset and rows.
+    """
+
+
+def physical_range_violation(modality: Modality, x: np.ndarray, bands) -> str | None:
+    """Describe the first value of ``x`` that the sensor cannot have produced, or return None.
+
+    Args:
+        modality: Registry entry; its ``physical_range`` gives the (low, high) of each band.
+        x: Stored values of one row, (C_mod, ...) in the modality's band order.
+        bands: Band indices to check (those the caller uses).
+
+    Returns:
+        None when every value of the checked bands is no-data (:func:`invalid_mask`) or inside its band's
+        range; otherwise one line naming the band, the value and the range.
+    """
+    if not modality.physical_range:
+        return None
+    for i in bands:
+        lo, hi = modality.physical_range[i]
+        v = x[i]
+        if v.min() >= lo and v.max() <= hi:  # NaN / inf fail this test and take the masked path
+            continue
+        bad = ((v < lo) | (v > hi)) & ~invalid_mask(modality, v)
+        if bad.any():
+            return (f"band {modality.bands[i]} holds {float(v[bad].flat[0]):g}, outside the physical range "
+                    f"[{lo:g}, {hi:g}] ({modality.units})")
+    return None
 
 
 @dataclass(frozen=True)
