@@ -107,7 +107,8 @@ def test_flipped_bytes_fail_the_crc_check(tmp_path):
 def _run_folder(tmp_path):
     out = tmp_path / "run"
     for epoch in (1, 2, 3):
-        ckpt.save_checkpoint({"epoch": epoch, "w": torch.full((50_000,), float(epoch))}, out / f"checkpoint-epoch{epoch}.pth")
+        state = {"epoch": epoch, "w": torch.full((50_000,), float(epoch))}
+        ckpt.save_checkpoint(state, out / f"checkpoint-epoch{epoch}.pth")
     ckpt.save_checkpoint({"epoch": 4, "w": torch.full((50_000,), 4.0)}, out / "checkpoint-last.pth")
     return out
 

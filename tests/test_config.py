@@ -168,7 +168,7 @@ def test_output_dir_that_is_a_file_is_one_error(tmp_path):
     (tmp_path / "afile").write_text("x")
     for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
         cfg = load_config(None, [f"output_dir={out}"])
-        with pytest.raises(ConfigError, match=rf"config key 'output_dir': {tmp_path / 'afile'} is a file, not a folder"):
+        with pytest.raises(ConfigError, match=rf"'output_dir': {tmp_path / 'afile'} is a file, not a folder"):
             check_output_dir(cfg, out)
     check_output_dir(load_config(None, [f"output_dir={tmp_path / 'new' / 'run'}"]), tmp_path / "new" / "run")
 

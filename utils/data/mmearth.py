@@ -194,6 +194,7 @@ class MMEarthDataset(Dataset):
         # One flag per HDF5 row, set by whichever process finds the row damaged: shared, so the main
         # process sees the workers' findings and a flagged row is never read again.
         self._bad = torch.zeros(self.num_rows, dtype=torch.uint8).share_memory_()
+        self._bad_view = None  # numpy view of _bad, made per process with the file handle
         self._bad_reasons: list[str] = []  # this process's findings, for the error message
         self._range_bands = self._bands_to_check()
 
@@ -352,6 +353,7 @@ class MMEarthDataset(Dataset):
                                     f"({' '.join(str(err).split())})") from err
             self._pid = os.getpid()
             self._bad_reasons = []
+            self._bad_view = self._bad.numpy()  # this process's view of the shared flags
         return self._readers[modality]
 
     def close(self) -> None:
@@ -362,7 +364,7 @@ class MMEarthDataset(Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_h5=None, _readers=None, _pid=None, _bad_reasons=[])
+        state.update(_h5=None, _readers=None, _pid=None, _bad_reasons=[], _bad_view=None)
         return state
 
     # ------------------------------------------------------------------ sampling
@@ -386,13 +388,14 @@ class MMEarthDataset(Dataset):
 
     def _read_row(self, row: int) -> dict[str, np.ndarray]:
         """Every loaded modality's full stored row; raises ``_BadRow`` for a damaged one."""
-        tiles = {}
+        tiles, readers = {}, self._readers
         for name, mod in self._modalities.items():
-            reader = self._reader(name)
+            reader = readers[name]
             try:
                 tile = reader.read(row)
             except _READ_ERRORS as err:
-                kind = type(err).__name__ if type(err).__module__ == "builtins" else f"{type(err).__module__}.{type(err).__name__}"
+                cls = type(err)
+                kind = cls.__name__ if isinstance(err, OSError) else f"{cls.__module__}.{cls.__name__}"
                 raise _BadRow(row, name, f"{kind}: {' '.join(str(err).split())}") from None
             bands = self._range_bands.get(name)
             why = physical_range_violation(mod, tile, bands) if bands else None
@@ -412,7 +415,7 @@ class MMEarthDataset(Dataset):
         """``(row, its tiles)``, or the first undamaged substitute's when ``row`` is damaged."""
         candidate, found = row, []
         for draw in range(1, _MAX_DRAWS + 1):
-            if not self._bad[candidate]:
+            if not self._bad_view[candidate]:
                 try:
                     tiles = self._read_row(candidate)
                 except _BadRow as bad:
@@ -430,7 +433,7 @@ class MMEarthDataset(Dataset):
 
     def _record_bad(self, bad: _BadRow) -> None:
         """Flag a damaged row (shared with every process); past ``max_bad_rows``, stop."""
-        self._bad[bad.row] = 1
+        self._bad_view[bad.row] = 1
         self._bad_reasons = (self._bad_reasons + [f"row {bad.row} ({bad.dataset}: {bad.reason})"])[-3:]
         count = self.skipped_rows
         if count > self.max_bad_rows:
