@@ -71,6 +71,11 @@ class Modality:
         fill: The value a writer stores where the data is missing; ``None`` means the first ``nodata``
             value. MMEarth-data writes 255 for SCL and WorldCover.
         valid_min: Smallest valid stored value; anything below it is no-data too (``None``: no bound).
+        physical_range: Per band, the inclusive (low, high) range a real measurement can take, in the
+            stored units; empty: no bound beyond the dtype's. A value that is not no-data but lies outside
+            it cannot come from the sensor (a damaged or mis-written row), so readers skip the whole row
+            instead of training on it. The bounds are deliberately wide: a rare but real extreme must
+            never trip them.
     """
 
     name: str
@@ -87,6 +92,12 @@ class Modality:
     notes: str = ""
     fill: float | None = None
     valid_min: float | None = None
+    physical_range: tuple[tuple[float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.physical_range and len(self.physical_range) != len(self.bands):
+            raise ValueError(f"modality {self.name!r}: physical_range has {len(self.physical_range)} entries, "
+                             f"{len(self.bands)} bands")
 
     @property
     def fill_value(self) -> float | None:
@@ -137,6 +148,17 @@ _BIOME_NAMES = (
 )
 _ERA5_VARS = ("temperature_2m_mean", "temperature_2m_min", "temperature_2m_max", "total_precipitation")
 
+# Physical ranges (Modality.physical_range), wide on purpose: only values no sensor or model can produce.
+# Sentinel-1 sigma0 in dB: +60 dB is a backscatter coefficient of 10^6 (ships and corner reflectors reach
+# about +30 dB); -100 dB is 10^-10, some 75 dB under the instrument's noise floor (about -25 dB).
+_S1_DB_RANGE = (-100.0, 60.0)
+# ASTER: elevation in metres from below the Dead Sea shore (-430 m) to above Everest (8849 m); slope in degrees.
+_ASTER_RANGE = ((-500.0, 9000.0), (0.0, 90.0))
+# ERA5 2 m temperatures in kelvin (records: 184 K, 330 K); precipitation in metres per month or year (the
+# wettest places get about 12 m a year; ERA5 holds tiny negative rounding residues, hence -1 mm).
+_ERA5_RANGE = ((150.0, 350.0),) * 3 + ((-1e-3, 30.0),)
+_UNIT_CIRCLE = ((-1.0, 1.0), (-1.0, 1.0))  # sin / cos encodings
+
 MODALITIES: dict[str, Modality] = {
     m.name: m
     for m in (
@@ -149,6 +171,7 @@ MODALITIES: dict[str, Modality] = {
         Modality(
             "sentinel2_cloudprod", ("MSK_CLDPRB",), "uint16", "cloud probability (%)", "pixel", "continuous",
             nodata=(65535,), stats_key="sentinel2_cloudprod", notes="L2A only; 65535 on L1C tiles.",
+            physical_range=((0.0, 100.0),),
         ),
         Modality(
             "sentinel2_scl", ("SCL",), "uint8", "scene classification class", "pixel", "categorical",
@@ -160,10 +183,11 @@ MODALITIES: dict[str, Modality] = {
             ("asc_VV", "asc_VH", "asc_HH", "asc_HV", "desc_VV", "desc_VH", "desc_HH", "desc_HV"),
             "float32", "backscatter (dB)", "pixel", "continuous", nodata=(float("-inf"),), stats_key="sentinel1",
             notes="-inf for a missing orbit or polarisation; HH/HV are mostly missing.",
+            physical_range=(_S1_DB_RANGE,) * 8,
         ),
         Modality(
             "aster", ("elevation", "slope"), "int16", "elevation (metres), slope (degrees)", "pixel", "continuous",
-            nodata=(-32768,), stats_key="aster",
+            nodata=(-32768,), stats_key="aster", physical_range=_ASTER_RANGE,
             notes="The writer declares -inf, which int16 cannot hold; -32768 (the int16 DEM fill) is treated as "
             "no-data instead.",
         ),
@@ -171,7 +195,7 @@ MODALITIES: dict[str, Modality] = {
             "era5",
             tuple(f"{period}_{var}" for period in ("prev_month", "curr_month", "year") for var in _ERA5_VARS),
             "float32", "temperature (K), precipitation (m)", "image", "continuous",
-            nodata=(float("nan"), float("inf"), float("-inf")), stats_key="era5",
+            nodata=(float("nan"), float("inf"), float("-inf")), stats_key="era5", physical_range=_ERA5_RANGE * 3,
         ),
         Modality(
             "dynamic_world", ("label",), "uint8", "Dynamic World class (stored 1..9)", "pixel", "categorical",
@@ -187,11 +211,13 @@ MODALITIES: dict[str, Modality] = {
             nodata=(0, 255), fill=255, class_values=_WORLDCOVER_CODES, class_names=_WORLDCOVER_NAMES,
             class_colors=_WORLDCOVER_COLORS, notes="MMEarth-data writes 255 for no-data, MMEarth-train reads 0.",
         ),
-        Modality("lat", ("sin_lat", "cos_lat"), "float32", "sin/cos of latitude", "image", "continuous", stats_key="lat"),
-        Modality("lon", ("sin_lon", "cos_lon"), "float32", "sin/cos of longitude", "image", "continuous", stats_key="lon"),
+        Modality("lat", ("sin_lat", "cos_lat"), "float32", "sin/cos of latitude", "image", "continuous",
+                 stats_key="lat", physical_range=_UNIT_CIRCLE),
+        Modality("lon", ("sin_lon", "cos_lon"), "float32", "sin/cos of longitude", "image", "continuous",
+                 stats_key="lon", physical_range=_UNIT_CIRCLE),
         Modality(
             "month", ("sin_month", "cos_month"), "float32", "sin/cos of 2*pi*month/12", "image", "continuous",
-            stats_key="month",
+            stats_key="month", physical_range=_UNIT_CIRCLE,
         ),
         Modality(
             "biome", tuple(f"biome_{i}" for i in range(14)), "uint8", "one-hot biome", "image", "onehot",

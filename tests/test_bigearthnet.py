@@ -1,7 +1,9 @@
 """BigEarthNet v1.0 reader on the six real example patches (../shared/data/bigearthnet_examples)."""
 
+import io
 import json
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -81,3 +83,40 @@ def test_bad_inputs(ben_root, cache, tmp_path):
         ds[0]
     with pytest.raises(ValueError, match="needs Sentinel-1 patches"):
         BigEarthNetDataset(tmp_path, "train", ["s1"])
+
+
+def _archive(path, members):
+    with tarfile.open(path, "w:bz2") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_archives_with_path_traversal_or_damage_are_one_error(tmp_path):
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    root.mkdir()
+    _archive(root / "evil.tar.bz2", [("p/p_labels_metadata.json", b"{}"), ("../../escaped.txt", b"x")])
+    with pytest.raises(ValueError, match=r"BigEarthNet archive .*evil.tar.bz2: refusing member '../../escaped.txt'"):
+        find_patches(root, cache)
+    assert not (tmp_path / "escaped.txt").exists() and not (cache / "evil").exists()  # partial extraction removed
+    (root / "evil.tar.bz2").unlink()
+    _archive(root / "cut.tar.bz2", [("p/p_B02.tif", bytes(range(256)) * 400)])
+    (root / "cut.tar.bz2").write_bytes((root / "cut.tar.bz2").read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"BigEarthNet archive .*cut.tar.bz2 is damaged or truncated"):
+        find_patches(root, cache)
+
+
+def test_invalid_json_names_the_file(ben_root, cache, tmp_path):
+    s2, _ = find_patches(ben_root, cache)
+    shutil.copytree(s2[PATCH], tmp_path / PATCH)
+    meta = tmp_path / PATCH / f"{PATCH}_labels_metadata.json"
+    meta.write_text('{"labels": [\n')
+    ds = BigEarthNetDataset(tmp_path, "train", ["s2_rgb"])
+    with pytest.raises(ValueError, match=rf"{PATCH}_labels_metadata.json: not valid JSON"):
+        ds.label(PATCH)
+    stats = tmp_path / "cache" / "bigearthnet_band_stats.json"
+    stats.parent.mkdir()
+    stats.write_text(json.dumps({b: {"mean": 1.0, "std": 0.0} for b in ("B02", "B03", "B04")}))
+    with pytest.raises(ValueError, match=r"bigearthnet_band_stats.json: band B02 has mean 1.0, std 0.0"):
+        BigEarthNetDataset(tmp_path, "train", ["s2_rgb"], cache_dir=tmp_path / "cache")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
+import torch
 import yaml
 
-from utils.config import (ConfigError, check_output_dir, effective_lr, load_config, migrate_config, parse_overrides,
-                          save_config)
+from utils.config import (DEFAULTS_PATH, VALUE_RULES, ConfigError, Rule, check_output_dir, effective_lr, load_config,
+                          migrate_config, parse_overrides, save_config)
 
 
 def test_defaults_load_and_cli_overrides_win(tmp_path):
@@ -146,3 +150,115 @@ def test_configs_written_before_objective_sections_are_migrated():
     assert "masking" not in new and "loss" not in new and "decoder_dim" not in new["model"]
     assert mm["loss"]["per_domain"]["elevation"] == "l1"  # as the v1 registry had it
     assert migrate_config(new) is new  # already migrated
+def test_a_key_set_twice_in_a_yaml_file_is_an_error(tmp_path):
+    exp = tmp_path / "twice.yaml"
+    exp.write_text("epochs: 2\nbatch_size: 4\nepochs: 3\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: key 'epochs' is set twice \(lines 1 and 3\)"):
+        load_config(exp)
+    exp.write_text("optim:\n  blr: 1.0e-3\n  min_lr: 0.0\n  blr: 5.0\nepochs: 2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: key 'optim.blr' is set twice \(lines 2 and 4\)"):
+        load_config(exp)
+    exp.write_text("optim:\n  blr: 1.0e-3\ndata:\n  blr: 2\n")  # the same name in two sections is two keys
+    with pytest.raises(ConfigError, match=r"unknown key 'data.blr'"):
+        load_config(exp)
+
+
+def test_the_range_table_covers_real_keys_and_the_defaults_satisfy_it():
+    defaults = yaml.safe_load(DEFAULTS_PATH.read_text())
+    for key, rule in VALUE_RULES.items():
+        node = defaults
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"VALUE_RULES key {key!r} is not in defaults.yaml"
+            node = node[part]
+        assert rule.allows(node), f"default {key}={node!r} breaks its own rule {rule.describe()}"
+    assert Rule(0, 1, low_open=True).describe() == "in (0, 1]" and Rule(1).describe() == ">= 1"
+
+
+@pytest.mark.parametrize("item, message", [
+    ("epochs=-1", "'epochs' must be >= 1, got -1"),
+    ("epochs=0", "'epochs' must be >= 1, got 0"),
+    ("epochs=null", "'epochs' must be >= 1, got null"),
+    ("batch_size=0", "'batch_size' must be >= 1"),
+    ("accum_steps=0", "'accum_steps' must be >= 1"),
+    ("log_every_steps=0", "'log_every_steps' must be >= 1"),
+    ("save_every_steps=0", "'save_every_steps' must be >= 1"),
+    ("keep_every_epochs=0", "'keep_every_epochs' must be >= 1"),
+    ("max_steps=0", "'max_steps' must be >= 1 (or null), got 0"),
+    ("num_workers=-2", "'num_workers' must be >= 0"),
+    ("vis.num_samples=0", "'vis.num_samples' must be >= 1"),
+    ("optim.warmup_epochs=-1", "'optim.warmup_epochs' must be >= 0, got -1.0"),
+    ("optim.blr=0", "'optim.blr' must be > 0"),
+    ("optim.betas=[0.9, 1.5]", "'optim.betas' must be a list of 2 items, each in [0, 1), got [0.9, 1.5]"),
+    ("optim.betas=[0.9]", "'optim.betas' must be a list of 2 items"),
+    ("optim.layer_decay=1.5", "'optim.layer_decay' must be in (0, 1] (or null)"),
+    ("finetune.label_fraction=2.0", "'finetune.label_fraction' must be in (0, 1], got 2.0"),
+    ("finetune.label_fraction=0", "'finetune.label_fraction' must be in (0, 1], got 0.0"),
+    ("data.hflip=1.5", "'data.hflip' must be in [0, 1], got 1.5"),
+    ("data.max_bad_rows=-1", "'data.max_bad_rows' must be >= 0"),
+    ("model.drop_path=1.0", "'model.drop_path' must be in [0, 1)"),
+    ("masking.num_encoded_tokens=0", "'masking.num_encoded_tokens' must be >= 1"),
+    ("masking.alphas=[1.0, -1]", "'masking.alphas' must be a list of >= 1 items, each > 0"),
+    ("optim.eps=.nan", "'optim.eps' must be > 0, got nan"),
+    ("out_domains=[]", "'out_domains' must be a list of >= 1 items, got []"),
+])
+def test_each_out_of_range_value_is_one_error_naming_key_and_source(item, message, tmp_path):
+    with pytest.raises(ConfigError, match=r"^command line: key " + re.escape(message)):
+        load_config(None, [item])
+    key, value = item.split("=", 1)
+    node = f"{key.split('.')[-1]}: {value}"
+    for part in reversed(key.split(".")[:-1]):
+        node = f"{part}:\n  " + node.replace("\n", "\n  ")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(node + "\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(exp))}: key " + re.escape(message)):
+        load_config(exp)
+
+
+def test_range_rules_take_patterns_for_sections_with_chosen_names(monkeypatch):
+    monkeypatch.delitem(VALUE_RULES, "optim.min_lr")  # an exact key wins over a pattern
+    monkeypatch.setitem(VALUE_RULES, "optim.*_lr", Rule(0, 1e-2))
+    with pytest.raises(ConfigError, match=r"'optim.min_lr' must be in \[0, 0.01\], got 0.5"):
+        load_config(None, ["optim.min_lr=0.5"])
+
+
+def test_output_dir_that_is_a_file_is_one_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        cfg = load_config(None, [f"output_dir={out}"])
+        with pytest.raises(ConfigError, match=rf"'output_dir': {tmp_path / 'afile'} is a file, not a folder"):
+            check_output_dir(cfg, out)
+    check_output_dir(load_config(None, [f"output_dir={tmp_path / 'new' / 'run'}"]), tmp_path / "new" / "run")
+
+
+class _Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise ValueError(f"/data/x.h5: row {i} is broken\nsecond line of the message")
+
+
+def test_user_errors_report_a_worker_error_with_its_own_message(capsys, monkeypatch):
+    from utils.config import user_errors
+
+    monkeypatch.delenv("MULTIMAE_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit), user_errors():
+        next(iter(torch.utils.data.DataLoader(_Broken(), batch_size=2, num_workers=1)))
+    err = capsys.readouterr().err
+    assert err.startswith("error: /data/x.h5: row 0 is broken\nsecond line of the message\n(MULTIMAE")
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    with pytest.raises(SystemExit), user_errors():
+        open(os.path.join(os.sep, "proc", "no-such-dir", "f"), "w")  # an OSError naming its file: one line
+    assert capsys.readouterr().err.startswith("error: [Errno 2] No such file or directory: '/proc/no-such-dir/f'")
+    with pytest.raises(OSError), user_errors():  # an OSError without a file name is not the user's: traceback
+        raise OSError("socket closed")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_config_error():
+    from utils.dist import init_distributed
+
+    with pytest.raises(ConfigError, match="config key 'device' is 'cuda' but no CUDA device is available"):
+        init_distributed("cuda")
+    with pytest.raises(ConfigError, match="'device' must be auto, cpu or cuda, got 'gpu'"):
+        init_distributed("gpu")

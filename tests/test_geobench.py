@@ -48,6 +48,8 @@ def test_malicious_pickle_is_refused(tmp_path):
         decode_sample_pickle(text, str(path))
     with pytest.raises(pickle.UnpicklingError, match="s000.hdf5"):
         GeoBenchDataset(tmp_path, "m-eurosat", "train", ["s2_rgb"])[0]
+    with pytest.raises(ValueError, match="s000.hdf5: refusing"):  # a ValueError too: one error line in the CLIs
+        GeoBenchDataset(tmp_path, "m-eurosat", "train", ["s2_rgb"])[0]
 
 
 def test_eurosat_band_shift_is_corrected(gb_root):
@@ -163,3 +165,45 @@ def test_planted_signal_only_in_the_chosen_bands(tmp_path):
     assert _raw_value(ds, s, "s2_swir", 0) == pytest.approx(BAND_VALUE["B11"] + 450, abs=10)
     assert _raw_value(ds, s, "s2_nir", 1) == pytest.approx(BAND_VALUE["B08"], abs=10)
     assert _raw_value(ds, s, "s2_rgb", 0) == pytest.approx(BAND_VALUE["B04"], abs=10)  # s2_rgb = (B04, B03, B02)
+def test_partition_samples_unique_and_splits_disjoint(tmp_path):
+    folder = write_geobench_task(tmp_path, "m-eurosat")
+    path = folder / "default_partition.json"
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps({**good, "test": good["test"] + good["valid"][:1]}))
+    with pytest.raises(ValueError, match=rf"default_partition.json: splits 'valid' and 'test' share 1 samples "
+                                         rf"\(e.g. '{good['valid'][0]}'\); splits must be disjoint"):
+        GeoBenchDataset(tmp_path, "m-eurosat", "train", ["s2_rgb"])
+    path.write_text(json.dumps({**good, "train": [good["train"][0]] * 5}))
+    with pytest.raises(ValueError, match=rf"default_partition.json: split 'train' lists sample '{good['train'][0]}' "
+                                         r"more than once \(4 repeats\)"):
+        GeoBenchDataset(tmp_path, "m-eurosat", "test", ["s2_rgb"])
+    path.write_text('{"train": [\n')
+    with pytest.raises(ValueError, match=r"default_partition.json: not valid JSON \(Expecting value: line 2"):
+        GeoBenchDataset(tmp_path, "m-eurosat", "train", ["s2_rgb"])
+
+
+@pytest.mark.parametrize("std", [0.0, float("nan"), float("inf"), -3.0])
+def test_band_stats_std_must_be_finite_and_positive(tmp_path, std):
+    folder = write_geobench_task(tmp_path, "m-eurosat")
+    stats = json.loads((folder / "band_stats.json").read_text())
+    stats["04 - Red"]["std"] = std  # json writes NaN / Infinity, which Python's reader accepts
+    (folder / "band_stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match=r"band_stats.json: band '04 - Red' has mean .*, std .*; need finite values "
+                                         r"and std > 0"):
+        GeoBenchDataset(tmp_path, "m-eurosat", "train", ["s2_rgb"])
+    (folder / "band_stats.json").write_text("{\n\n")
+    with pytest.raises(ValueError, match=r"band_stats.json: not valid JSON"):
+        GeoBenchDataset(tmp_path, "m-eurosat", "train", ["s2_rgb"])
+
+
+def test_a_sample_without_a_band_of_the_first_is_one_error_naming_it(tmp_path):
+    folder = write_geobench_task(tmp_path, "m-eurosat")
+    with h5py.File(folder / "s003.hdf5", "a") as h5:
+        del h5["04 - Red"]
+    ds = GeoBenchDataset(tmp_path, "m-eurosat", "train", ["s2_rgb"])
+    ds[0]
+    with pytest.raises(ValueError, match=r"s003.hdf5: band '04 - Red' \(domain 's2_rgb'\) is missing"):
+        ds[3]
+    (folder / "s001.hdf5").write_bytes(b"\0" * 512)
+    with pytest.raises(ValueError, match=r"GEO-Bench sample .*s001.hdf5 cannot be read as HDF5"):
+        ds[1]

@@ -373,3 +373,132 @@ def test_a_domain_class_table_keeps_modality_nodata_out(mmearth_fileset):
     b = torch.stack([ds12[i]["inputs"]["worldcover12"] for i in range(len(ds12))])
     assert torch.equal(a, b) and (a == IGNORE_INDEX).any() and not (b == 11).any()
     assert ds12.domain_info()["worldcover12"]["class_names"][11] == "no data (code 255)"
+# ---------------------------------------------------------------- damaged rows and files
+
+
+def _corrupt_chunk(folder: Path, dataset: str, row: int) -> None:
+    """Flip 16 bytes in the middle of ``row``'s gzip chunk (offsets from h5py's chunk index)."""
+    path = folder / f"{folder.name}.h5"
+    with h5py.File(path) as h5:
+        dset = h5[dataset]
+        info = dset.id.get_chunk_info_by_coord((row,) + (0,) * (dset.ndim - 1))
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset + info.size // 2)
+        data = f.read(16)
+        f.seek(info.byte_offset + info.size // 2)
+        f.write(bytes(b ^ 0xA5 for b in data))
+
+
+def _epoch(ds, workers: int) -> dict:
+    """One epoch of ``ds`` in order: {"index": (N,), domain: (N, C, h, w)}."""
+    batches = list(DataLoader(ds, batch_size=4, num_workers=workers))
+    return {"index": torch.cat([b["index"] for b in batches]),
+            **{d: torch.cat([b["inputs"][d] for b in batches]) for d in batches[0]["inputs"]}}
+
+
+def test_corrupt_chunk_is_skipped_counted_and_substituted_alike_for_any_worker_count(tmp_path, capfd):
+    folder = _fresh(tmp_path, num_tiles=12)
+    train = json.loads((folder / "fs_splits.json").read_text())["train"]
+    bad = train[3]
+    _corrupt_chunk(folder, "sentinel2", bad)
+    with h5py.File(folder / "fs.h5") as h5, pytest.raises(OSError):
+        h5["sentinel2"][bad]  # the chunk really is unreadable
+    runs = {}
+    for workers in (0, 2):
+        ds = MMEarthDataset(folder, ["s2_rgb", "elevation"], "train", input_size=12, augment=True, seed=3,
+                            max_bad_rows=2)
+        ds.set_epoch(1)
+        runs[workers] = _epoch(ds, workers)  # the whole epoch finishes
+        assert ds.skipped_rows == 1 and ds.bad_rows == [bad]  # the workers' finding, seen by this process
+        err = capfd.readouterr().err
+        assert f"fs.h5: skipped row {bad} (dataset 'sentinel2': zlib.error" in err
+    assert torch.equal(runs[0]["index"], runs[2]["index"]) and torch.equal(runs[0]["s2_rgb"], runs[2]["s2_rgb"])
+    pos = train.index(bad)
+    sub = int(runs[0]["index"][pos])
+    assert sub != bad and sub in train
+    assert runs[0]["index"][[i for i in range(len(train)) if i != pos]].tolist() == [r for r in train if r != bad]
+    # the substitute is the substitute row's own sample (its crop and flip are a function of its row)
+    own = train.index(sub)
+    assert torch.equal(runs[0]["s2_rgb"][pos], runs[0]["s2_rgb"][own])
+    # a new process (a resumed run) draws the same substitute for the same (seed, epoch, row)
+    ds = MMEarthDataset(folder, ["s2_rgb", "elevation"], "train", input_size=12, augment=True, seed=3, max_bad_rows=2)
+    ds.set_epoch(1)
+    assert int(ds[pos]["index"]) == sub
+
+
+def test_damaged_rows_past_the_limit_are_one_error(tmp_path, capsys):
+    from utils.config import user_errors
+    from utils.data.mmearth_files import DataFileError
+
+    folder = _fresh(tmp_path, num_tiles=12)
+    train = json.loads((folder / "fs_splits.json").read_text())["train"]
+    for row in train[:2]:
+        _corrupt_chunk(folder, "aster", row)
+    ds = MMEarthDataset(folder, ["s2_rgb", "elevation"], "train", max_bad_rows=0)
+    with pytest.raises(DataFileError, match=rf"fs.h5: 1 damaged rows, more than data.max_bad_rows=0: rows {train[0]};"
+                                            rf" .*row {train[0]} \(aster: zlib.error"):
+        ds[0]
+    ds = MMEarthDataset(folder, ["s2_rgb", "elevation"], "train", max_bad_rows=1)
+    with pytest.raises(SystemExit), user_errors():  # raised in a worker: still one line, the worker's message
+        _epoch(ds, 2)
+    err = capsys.readouterr().err.splitlines()
+    line = next(x for x in err if x.startswith("error: "))
+    assert f"fs.h5: 2 damaged rows, more than data.max_bad_rows=1: rows {train[0]}, {train[1]}" in line
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_physically_impossible_values_skip_the_row_but_nodata_does_not(tmp_path):
+    folder = _fresh(tmp_path, num_tiles=12)
+    train = json.loads((folder / "fs_splits.json").read_text())["train"]
+    with h5py.File(folder / "fs.h5", "r+") as h5:
+        s1 = h5["sentinel1"][:]
+        assert np.isneginf(s1[:, 2]).all()  # HH: no-data everywhere, never a damaged row
+        s1[train[1], 0, 2:4, 2:4] = 1e6  # asc_VV at 1e6 dB
+        s1[train[2], 5, 0, 0] = -1e6  # desc_VH: not a band of domain s1, so not checked
+        aster = h5["aster"][:]
+        aster[train[4], 0, 0, 0] = 30000  # 30 km elevation
+    _rewrite(folder, "sentinel1", s1)
+    _rewrite(folder, "aster", aster)
+    ds = MMEarthDataset(folder, ["s1", "elevation"], "train", max_bad_rows=5)
+    out = _epoch(ds, 0)
+    assert ds.bad_rows == sorted([train[1], train[4]])
+    assert train[1] not in out["index"].tolist() and train[2] in out["index"].tolist()
+    with pytest.raises(ValueError, match=r"more than data.max_bad_rows=0: .*band asc_VV holds 1e\+06, outside the "
+                                         r"physical range \[-100, 60\] \(backscatter \(dB\)\)"):
+        MMEarthDataset(folder, ["s1"], "train", max_bad_rows=0)[1]
+
+
+def test_unreadable_hdf5_file_is_one_error_naming_it(tmp_path):
+    from utils.data.mmearth_files import DataFileError
+
+    folder = _fresh(tmp_path)
+    path = folder / "fs.h5"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(DataFileError, match=rf"{path}: cannot read the HDF5 file \(.*truncated file"):
+        MMEarthDataset(folder, ["s2_rgb"])
+    path.write_bytes(b"\0" * 4096)
+    with pytest.raises(DataFileError, match=rf"{path}: cannot read the HDF5 file \(.*signature"):
+        MMEarthDataset(folder, ["s2_rgb"])
+    folder = _fresh(tmp_path, "fs2")
+    _corrupt_chunk(folder, "metadata", 0)  # read at construction: a file-level fault
+    with pytest.raises(DataFileError, match="fs2.h5: cannot read the HDF5 file"):
+        MMEarthDataset(folder, ["s2_rgb"], indices=[0, 1])
+
+
+def test_split_rows_must_be_unique_and_disjoint(tmp_path):
+    folder = _fresh(tmp_path, num_tiles=12)
+    path = folder / "fs_splits.json"
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps({**good, "train": [good["train"][0]] * 8}))
+    with pytest.raises(ValueError, match=rf"fs_splits.json: split 'train' lists 7 rows more than once "
+                                         rf"\(row {good['train'][0]} 8 times\)"):
+        MMEarthDataset(folder, ["s2_rgb"])
+    path.write_text(json.dumps({**good, "val": good["val"] + good["train"][:1]}))
+    with pytest.raises(ValueError, match=rf"fs_splits.json: splits 'train' and 'val' share 1 rows \(e.g. row "
+                                         rf"{good['train'][0]}\); splits must be disjoint"):
+        MMEarthDataset(folder, ["s2_rgb"], "test")  # whichever split is used: the file is wrong
+    path.write_text(json.dumps(good))
+    a = MMEarthDataset(folder, ["s2_rgb"]).rows_digest
+    assert a == MMEarthDataset(folder, ["s2_rgb"]).rows_digest
+    assert a != MMEarthDataset(folder, ["s2_rgb"], "val").rows_digest

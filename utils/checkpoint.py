@@ -1,18 +1,34 @@
-"""Checkpoints: atomic save, loading with ``weights_only=True``, RNG states, checked state-dict loads.
+"""Checkpoints: atomic save, verified loading with ``weights_only=True``, RNG states, checked state-dict
+loads, the output-folder lock and the resume checks.
 
 A checkpoint is a dict of plain types (tensors, numbers, strings, lists, dicts), so
 ``torch.load(path, weights_only=True)`` reads it without unpickling arbitrary objects. It is
-written to ``<name>.tmp`` next to its destination, flushed to disk, then renamed over the
-destination with ``os.replace``; a crash at any point leaves the previous checkpoint intact.
+written to a temporary file of its own (``<name>.<pid>-<random>.tmp``) next to its destination,
+flushed to disk, then renamed over the destination with ``os.replace``; a crash at any point leaves
+the previous checkpoint intact, and two writers never share a temporary file.
+
+``torch.save`` writes a zip archive whose members carry CRC-32 checksums; :func:`verify_checkpoint`
+checks them before a load, so a damaged file is refused instead of loaded with garbage values, and
+:func:`resume_path` then falls back to the newest intact ``checkpoint-epoch<N>.pth``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
+import math
 import os
 import random
+import re
+import secrets
+import socket
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -21,8 +37,13 @@ from torch import nn
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
+    "verify_checkpoint",
     "load_checkpoint",
     "resume_path",
+    "holds_run",
+    "lock_output_dir",
+    "data_fingerprint",
+    "check_resume_data",
     "rng_state",
     "set_rng_state",
     "load_state_checked",
@@ -33,37 +54,112 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not match the model it is loaded into."""
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_KEPT = re.compile(r"^checkpoint-epoch(\d+)\.pth$")
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) of files whose CRCs were checked
+
+
+def _temporary_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """True when ``err`` or an exception it was raised from is a full disk (torch wraps the OSError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, ``os.replace``).
+    """Write ``state`` to ``path`` atomically (own temporary file, fsync, ``os.replace``, fsync of the folder).
 
     Returns:
         The path written.
+
+    Raises:
+        CheckpointError: the disk (or quota) is full: ``no space left on <folder>``; the previous file
+            at ``path``, if any, is intact and the temporary file removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        if _out_of_space(err):
+            kept = f"; the previous {path.name} is intact" if path.is_file() else ""
+            raise CheckpointError(f"no space left on {path.parent} while writing {path.name}{kept}") from err
+        raise
     finally:
-        if tmp.exists():
+        with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return path
+
+
+def verify_checkpoint(path: str | Path) -> Path:
+    """Check a checkpoint's zip structure and the CRC-32 of every member (reads the whole file once).
+
+    Files that are not zip archives (torch's legacy format) are left to ``torch.load`` to judge, except
+    when they look like a truncated or damaged zip.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, or a member's data does not match its CRC
+            (names the file and the member).
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} not found" if isinstance(err, FileNotFoundError)
+                              else f"cannot read checkpoint {path}: {err}") from None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:
+        return path
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != b"PK\x03\x04":
+            if head[:1] == b"\x80":  # a legacy (pickle protocol 2+) torch file: torch.load checks it
+                return path
+            raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint (no zip header, "
+                                  f"{st.st_size} bytes)")
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or truncated ({type(err).__name__}: "
+                              f"{err})") from None
+    if bad is not None:
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged, member {bad} fails its CRC check")
+    _VERIFIED.add(key)
     return path
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
-    """Read a checkpoint onto the CPU with ``weights_only=True``; with ``kind``, check its ``"kind"`` key.
+    """Verify (:func:`verify_checkpoint`) and read a checkpoint onto the CPU with ``weights_only=True``;
+    with ``kind``, check its ``"kind"`` key.
 
     Raises:
-        CheckpointError: the file is missing or cannot be read (truncated, not a checkpoint, or
-            holding types outside ``weights_only``), or is not of ``kind``.
+        CheckpointError: the file is missing, damaged (CRC mismatch, truncated), cannot be read (not a
+            checkpoint, or holding types outside ``weights_only``), or is not of ``kind``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
+    path = verify_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt / unsafe files
@@ -74,24 +170,253 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
     return state
 
 
+def _kept_checkpoints(folder: Path) -> list[Path]:
+    """``checkpoint-epoch<N>.pth`` files of ``folder``, newest epoch first."""
+    kept = [(int(m.group(1)), p) for p in folder.glob("checkpoint-epoch*.pth") if (m := _KEPT.match(p.name))]
+    return [p for _, p in sorted(kept, reverse=True)]
+
+
+def holds_run(output_dir: str | Path) -> list[Path]:
+    """The checkpoints (``checkpoint-*.pth``) in ``output_dir``: a non-empty list means a run lives there."""
+    folder = Path(output_dir)
+    return sorted(p for p in folder.glob("checkpoint-*.pth") if p.is_file()) if folder.is_dir() else []
+
+
 def resume_path(resume: str, output_dir: str | Path) -> Path | None:
     """The checkpoint to resume from, per config key ``resume``.
 
-    ``auto``: ``<output_dir>/checkpoint-last.pth`` if it exists, else None; ``never``: None;
-    anything else is a checkpoint path.
+    ``auto``: ``<output_dir>/checkpoint-last.pth``, verified; when it is damaged or unreadable (or
+    absent beside kept checkpoints), the newest intact ``checkpoint-epoch<N>.pth``, with a warning on
+    stderr naming both; None when the folder holds no checkpoint. ``never``: None, but only for a
+    folder that holds no run. Anything else is a checkpoint path (verified when it is loaded).
 
     Raises:
-        CheckpointError: an explicit path that does not exist.
+        CheckpointError: ``never`` and ``output_dir`` holds checkpoints (names the folder and how to
+            proceed); ``auto`` and no checkpoint of the folder is intact (names each file and its
+            fault); an explicit path that does not exist.
     """
+    out = Path(output_dir)
     if resume == "never":
+        found = holds_run(out)
+        if found:
+            raise CheckpointError(
+                f"config key 'resume' is 'never' but output_dir {out} holds a run ({', '.join(p.name for p in found)}),"
+                " which this run would overwrite: choose another output_dir, move that run aside, or "
+                "resume=auto to continue it")
         return None
     if resume == "auto":
-        last = Path(output_dir) / "checkpoint-last.pth"
-        return last if last.is_file() else None
+        last = out / "checkpoint-last.pth"
+        candidates = ([last] if last.is_file() else []) + _kept_checkpoints(out)
+        faults = [] if last.is_file() or not candidates else [f"{last}: not found"]
+        for path in candidates:
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as err:
+                faults.append(str(err))
+                continue
+            if path != last:
+                print(f"warning: {last} is {'damaged' if last.is_file() else 'missing'} ({faults[0]}); resuming "
+                      f"from {path} instead", file=sys.stderr)
+            return path
+        if candidates:
+            raise CheckpointError(f"no intact checkpoint in {out} to resume from: " + "; ".join(faults)
+                                  + ". Move the folder aside (or resume=never into a new output_dir) to start over")
+        return None
     path = Path(resume)
     if not path.is_file():
         raise CheckpointError(f"config key 'resume': checkpoint {path} not found")
     return path
+
+
+def _holder(lock_path: Path) -> dict:
+    try:
+        return json.loads(lock_path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def lock_output_dir(output_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``output_dir`` for the duration of the ``with`` block (one run per folder).
+
+    The lock is ``fcntl.flock`` on ``<output_dir>/.lock``, which records the holder's pid, host and
+    command line. The kernel drops a flock when its process dies, so a crashed or killed run never
+    blocks its re-run (the next holder overwrites the dead one's record and says so). On file
+    systems without ``flock`` (Lustre mounted without it), the file ``<output_dir>/.lock.owner``,
+    created with ``O_EXCL`` and removed on exit, is the lock instead; one left by a process of this
+    host that no longer runs is taken over. Call it on rank 0 only: the other ranks share the folder.
+
+    Yields:
+        The lock file's path.
+
+    Raises:
+        CheckpointError: another process holds the folder (names its pid, host and command);
+            ``output_dir`` or the lock file cannot be created.
+    """
+    out = Path(output_dir)
+    lock_path = out / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300]}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise CheckpointError(f"cannot lock output_dir {out}: {err}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(out, _holder(lock_path), lock_path) from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise CheckpointError(f"cannot lock output_dir {out}: {err}") from None
+            with _owner_file_lock(out / ".lock.owner", me):
+                yield out / ".lock.owner"
+            return
+        previous = _holder(lock_path)
+        if previous.get("pid") not in (None, me["pid"]):
+            print(f"warning: output_dir {out}: taking over the lock of pid {previous['pid']} on host "
+                  f"{previous.get('host', '?')}, which no longer holds it", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            yield lock_path
+        finally:
+            os.ftruncate(fd, 0)  # the file stays: unlinking it under the lock would race the next holder
+    finally:
+        os.close(fd)
+
+
+def _holder(lock_path: Path) -> dict:
+    try:
+        holder = json.loads(lock_path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _in_use(out: Path, holder: dict, lock_path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"output_dir {out} is in use by another run: pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+        f"({holder.get('command', '?')}); wait for it to end or choose another output_dir (lock file {lock_path})")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _owner_file_lock(path: Path, me: dict) -> Iterator[None]:
+    """The lock-file protocol of :func:`lock_output_dir` where ``flock`` is unsupported."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            holder = _holder(path)
+            pid = holder.get("pid")
+            if holder.get("host") != me["host"] or not isinstance(pid, int) or _running(pid):
+                raise _in_use(path.parent, holder, path) from None
+            print(f"warning: output_dir {path.parent}: taking over the stale lock of pid {pid} on this host, "
+                  "which no longer runs", file=sys.stderr)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    else:
+        raise _in_use(path.parent, _holder(path), path)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(me))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def data_fingerprint(dataset, steps_per_epoch: int) -> dict:
+    """What a resume must find unchanged about the training data, as plain types for the checkpoint.
+
+    Args:
+        dataset: The training set: ``domain_info()`` (bands, normalisation and statistics per domain)
+            and ``rows_digest`` (digest of the split's rows), as :class:`utils.data.mmearth.MMEarthDataset`.
+        steps_per_epoch: Optimizer steps per epoch of this run.
+
+    Returns:
+        ``{"domains": ..., "split_digest": str, "steps_per_epoch": int}``.
+    """
+    return {"domains": dataset.domain_info(), "split_digest": dataset.rows_digest,
+            "steps_per_epoch": int(steps_per_epoch)}
+
+
+def _domain_differences(saved: dict, current: dict) -> list[str]:
+    out = []
+    for name in sorted(set(saved) | set(current)):
+        if name not in saved or name not in current:
+            out.append(f"domain {name} {'added' if name in current else 'removed'}")
+            continue
+        a, b = saved[name], current[name]
+        for key in sorted(set(a) | set(b)):
+            if key == "stats":
+                sa, sb = a.get("stats") or {}, b.get("stats") or {}
+                for sk in sorted(set(sa) | set(sb)):
+                    for field in ("mean", "std"):
+                        va, vb = (sa.get(sk) or {}).get(field), (sb.get(sk) or {}).get(field)
+                        same = (va is not None and vb is not None and len(va) == len(vb)
+                                and all(math.isclose(x, y, rel_tol=1e-9, abs_tol=0.0) for x, y in zip(va, vb)))
+                        if not same:
+                            out.append(f"domain {name}: band statistics {sk}.{field} {va} -> {vb}")
+            elif a.get(key) != b.get(key):
+                out.append(f"domain {name}: {key} {a.get(key)!r} -> {b.get(key)!r}")
+    return out
+
+
+def check_resume_data(state: dict, current: dict, path: str | Path, *, resume_anyway: bool = False) -> list[str]:
+    """Refuse to resume a checkpoint trained on other data than this run reads.
+
+    Compares the checkpoint's ``domains`` (bands, normalisation, band statistics), ``split_digest``
+    and ``steps_per_epoch`` entries with :func:`data_fingerprint` of this run; entries a checkpoint
+    lacks are not compared.
+
+    Args:
+        state: The loaded checkpoint.
+        current: ``data_fingerprint(train_set, steps_per_epoch)`` of this run.
+        path: The checkpoint's path, for the message.
+        resume_anyway: Config key ``resume_anyway``: return the differences instead of raising.
+
+    Returns:
+        The differences (empty when the data is unchanged), one line each.
+
+    Raises:
+        CheckpointError: something differs and ``resume_anyway`` is false (the message names what).
+    """
+    diffs = []
+    if "domains" in state and "domains" in current:
+        diffs += _domain_differences(state["domains"], current["domains"])
+    if "split_digest" in state and "split_digest" in current and state["split_digest"] != current["split_digest"]:
+        diffs.append(f"training split rows differ (digest {state['split_digest'][:12]} -> "
+                     f"{current['split_digest'][:12]})")
+    if "steps_per_epoch" in state and "steps_per_epoch" in current \
+            and state["steps_per_epoch"] != current["steps_per_epoch"]:
+        diffs.append(f"steps per epoch {state['steps_per_epoch']} -> {current['steps_per_epoch']}")
+    if diffs and not resume_anyway:
+        shown = "; ".join(diffs[:6]) + (f"; ... ({len(diffs)} differences)" if len(diffs) > 6 else "")
+        raise CheckpointError(f"{path} was trained on other data than this run reads: {shown}. Point data_path at "
+                              "the original file set, choose another output_dir, or pass resume_anyway=true")
+    return diffs
 
 
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:

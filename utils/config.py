@@ -4,11 +4,12 @@ The layering follows DINOv2 (a complete defaults file, small override files, a d
 command line) and the validation follows nanoGPT's rule that unknown keys are errors: every key
 must exist in the defaults, and a value must have the default's type (an int is accepted where
 a float is expected; a key whose default is ``null`` accepts any type). A few keys accept more
-than one type; they are listed in ``UNION_KEYS``; a few hold free mappings (``MAPPING_KEYS``). Several
-experiment files merge in order (a recipe written once, a task file holding only its task). Each
-pretraining objective has a section named after it (``multimae``, ...); only the chosen
-``objective``'s section may be set. :func:`migrate_config` reads configs written before the
-objective sections existed.
+than one type; they are listed in ``UNION_KEYS``; a few hold free mappings (``MAPPING_KEYS``). Counts,
+intervals, fractions, epochs and rates must lie in the ranges of ``VALUE_RULES`` (the one table of them), and a
+key written twice in one YAML mapping is an error (PyYAML would keep the last silently). Several experiment
+files merge in order (a recipe written once, a task file holding only its task). Each pretraining objective has
+a section named after it (``multimae``, ...); only the chosen ``objective``'s section may be set.
+:func:`migrate_config` reads configs written before the objective sections existed.
 
 The resolved config is a plain nested ``dict`` of YAML types. Values derived from it (the
 learning rate, the number of steps) are computed by functions here and never written back into
@@ -20,8 +21,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import fnmatch
 import os
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -33,6 +37,9 @@ __all__ = [
     "MAPPING_KEYS",
     "RUN_ONLY_KEYS",
     "ConfigError",
+    "Rule",
+    "VALUE_RULES",
+    "check_value",
     "load_config",
     "merge_config",
     "parse_overrides",
@@ -43,6 +50,7 @@ __all__ = [
     "save_config",
     "check_output_dir",
     "migrate_config",
+    "check_output_path",
 ]
 
 _HERE = Path(__file__).resolve().parent  # an installed package has its copy in utils/cfgs/ (see pyproject.toml)
@@ -67,6 +75,137 @@ RUN_ONLY_KEYS = frozenset({
 
 class ConfigError(ValueError):
     """A config file or command-line item is invalid; the message names the key and its source."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The values a numeric (or list) config key may take.
+
+    Attributes:
+        low, high: Bounds (None: unbounded on that side).
+        low_open, high_open: Exclude the bound itself (``(0, 1]`` is ``Rule(0, 1, low_open=True)``).
+        nullable: ``null`` is allowed (e.g. ``max_steps: null`` = no cap).
+        min_items, max_items: For list values: the number of items; the bounds then apply to each
+            numeric item.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    nullable: bool = False
+    min_items: int | None = None
+    max_items: int | None = None
+
+    def describe(self) -> str:
+        """The allowed range in words, e.g. ``>= 1``, ``in (0, 1]``, ``a list of >= 1 items``."""
+        if self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            text = ""
+        if self.min_items is not None or self.max_items is not None:
+            n = (f"{self.min_items}" if self.min_items == self.max_items
+                 else f">= {self.min_items}" if self.max_items is None else f"{self.min_items}-{self.max_items}")
+            text = f"a list of {n} items" + (f", each {text}" if text else "")
+        return text + (" (or null)" if self.nullable else "")
+
+    def _number_ok(self, v: Any) -> bool:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:  # v != v: NaN
+            return False
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return not (self.high is not None and (v >= self.high if self.high_open else v > self.high))
+
+    def allows(self, value: Any) -> bool:
+        """True when ``value`` satisfies the rule (strings and other types are left to the type check)."""
+        if value is None:
+            return self.nullable
+        if isinstance(value, list):
+            if (self.min_items is not None and len(value) < self.min_items) or \
+                    (self.max_items is not None and len(value) > self.max_items):
+                return False
+            return all(self._number_ok(v) for v in value if isinstance(v, (int, float)) or v is None) \
+                if self.low is not None or self.high is not None else True
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return self._number_ok(value)
+        return True
+
+
+#: Ranges of every config key that has one; keys may be ``fnmatch`` patterns (``objectives.*.weight``)
+#: so that sections with user-chosen names can share a rule. A new key with a range gets a line here.
+VALUE_RULES: dict[str, Rule] = {
+    # run
+    "epochs": Rule(1),
+    "max_steps": Rule(1, nullable=True),
+    "batch_size": Rule(1),
+    "accum_steps": Rule(1),
+    "num_workers": Rule(0),
+    "save_every_steps": Rule(1),
+    "keep_every_epochs": Rule(1),
+    "log_every_steps": Rule(1),
+    "max_nonfinite_steps": Rule(1),
+    # domains
+    "in_domains": Rule(min_items=1),
+    "out_domains": Rule(min_items=1),
+    # data
+    "data.input_size": Rule(1),
+    "data.hflip": Rule(0, 1),
+    "data.max_bad_rows": Rule(0),
+    # model
+    "model.patch_size": Rule(1),
+    "model.num_global_tokens": Rule(1),
+    "model.drop_path": Rule(0, 1, high_open=True),
+    "model.class_embed_dim": Rule(1),
+    "model.decoder_dim": Rule(1),
+    "model.decoder_depth": Rule(0),
+    "model.decoder_heads": Rule(1),
+    # masking
+    "masking.num_encoded_tokens": Rule(1),
+    "masking.alphas": Rule(0, low_open=True, min_items=1),
+    # optimizer and schedule
+    "optim.blr": Rule(0, low_open=True),
+    "optim.min_lr": Rule(0),
+    "optim.warmup_epochs": Rule(0),
+    "optim.weight_decay": Rule(0),
+    "optim.betas": Rule(0, 1, high_open=True, min_items=2, max_items=2),
+    "optim.eps": Rule(0, low_open=True),
+    "optim.clip_grad": Rule(0, low_open=True, nullable=True),
+    "optim.layer_decay": Rule(0, 1, low_open=True, nullable=True),
+    # pictures
+    "vis.every_epochs": Rule(0),
+    "vis.num_samples": Rule(1),
+    # fine-tuning
+    "finetune.label_fraction": Rule(0, 1, low_open=True),
+    "finetune.knn_k": Rule(1),
+    "finetune.knn_temperature": Rule(0, low_open=True),
+    "finetune.eval_every_epochs": Rule(1),
+}
+
+
+def _rule_for(key: str) -> Rule | None:
+    rule = VALUE_RULES.get(key)
+    if rule is None:
+        for pattern, candidate in VALUE_RULES.items():
+            if "*" in pattern and fnmatch.fnmatchcase(key, pattern):
+                return candidate
+    return rule
+
+
+def check_value(key: str, value: Any, source: str) -> Any:
+    """Return ``value`` if it satisfies the rule of ``key`` in :data:`VALUE_RULES` (or ``key`` has none).
+
+    Raises:
+        ConfigError: one line naming the source, the key, the allowed range and the value.
+    """
+    rule = _rule_for(key)
+    if rule is not None and not rule.allows(value):
+        raise ConfigError(f"{source}: key {key!r} must be {rule.describe()}, got "
+                          f"{'null' if value is None else repr(value)}")
+    return value
 
 
 def _type_name(value: Any) -> str:
@@ -133,17 +272,46 @@ def merge_config(base: dict, override: dict, source: str, _prefix: str = "") -> 
                 raise ConfigError(f"{source}: key {dotted!r} is a section; set its sub-keys, e.g. {dotted}.x=...")
             out[key] = merge_config(default, value, source, f"{dotted}.")
         else:
-            out[key] = _check_type(dotted, default, value, source)
+            out[key] = check_value(dotted, _check_type(dotted, default, value, source), source)
     return out
+
+
+def _duplicate_key(node: yaml.Node, prefix: str = "") -> tuple[str, int, int] | None:
+    """The first key written twice in one mapping of a composed YAML document: (dotted key, line, line)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                name, line = key_node.value, key_node.start_mark.line + 1
+                if name in seen:
+                    return f"{prefix}{name}", seen[name], line
+                seen[name] = line
+                found = _duplicate_key(value_node, f"{prefix}{name}.")
+                if found:
+                    return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _duplicate_key(item, prefix)
+            if found:
+                return found
+    return None
 
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not a text file ({err})") from None
+    duplicate = _duplicate_key(node) if node is not None else None
+    if duplicate:
+        raise ConfigError(f"config file {path}: key {duplicate[0]!r} is set twice (lines {duplicate[1]} and "
+                          f"{duplicate[2]}); keep one")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -270,6 +438,23 @@ def config_from_args(args: argparse.Namespace) -> dict:
     return load_config(args.config, args.overrides)
 
 
+_WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def _worker_message(msg: str) -> str:
+    """The original message of an error a DataLoader worker raised (torch re-raises it wrapped in
+    "Caught X in DataLoader worker process N" and the worker's traceback)."""
+    match = _WORKER_ERROR.match(msg)
+    if not match:
+        return msg
+    lines = msg.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(rf"^([\w.]+\.)?{match.group(1)}: ", line)]
+    if not starts:
+        return msg
+    text = "\n".join(lines[starts[-1]:])
+    return text.split(": ", 1)[1]
+
+
 @contextlib.contextmanager
 def user_errors():
     """Turn errors about the user's input into one ``error: ...`` line on stderr and exit status 2.
@@ -277,16 +462,20 @@ def user_errors():
     The errors the framework raises for a bad config, data file, domain name or checkpoint
     (``ConfigError``, ``FileNotFoundError``, ``KeyError``, ``ValueError`` and the checkpoint /
     non-finite-loss errors, which are ``RuntimeError`` subclasses named in ``kinds``) already name
-    the file and key; a traceback adds nothing for the user. ``MULTIMAE_TRACEBACK=1`` re-raises them.
+    the file and key; a traceback adds nothing for the user. So do other ``OSError``s that carry a
+    file name (permission denied, a file where a folder should be). An error raised inside a
+    DataLoader worker is reported with its own message. ``MULTIMAE_TRACEBACK=1`` re-raises them.
     """
     kinds = ("CheckpointError", "NonFiniteLossError")
     try:
         yield
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-        if os.environ.get("MULTIMAE_TRACEBACK") or (isinstance(err, RuntimeError) and type(err).__name__ not in kinds):
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
+        unnamed_os = isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename is None
+        wrapped = isinstance(err, RuntimeError) and type(err).__name__ not in kinds
+        if os.environ.get("MULTIMAE_TRACEBACK") or wrapped or unnamed_os:
             raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {msg}\n(MULTIMAE_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        print(f"error: {_worker_message(str(msg))}\n(MULTIMAE_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -322,15 +511,36 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def check_output_path(output_dir: str | Path) -> None:
+    """Check that ``output_dir`` is (or can become) a writable folder: no file in its place or above it.
+
+    Raises:
+        ConfigError: ``output_dir`` or one of its parents is a file, or the nearest existing folder is
+            not writable (one line naming the path).
+    """
+    out = Path(output_dir)
+    for path in (out, *out.parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            where = "" if path == out else f" (in output_dir {out})"
+            raise ConfigError(f"config key 'output_dir': {path} is a file, not a folder{where}")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"config key 'output_dir': cannot write into {path}")
+        return
+
+
 def check_output_dir(cfg: dict, output_dir: str | Path) -> None:
-    """Refuse to write into a folder that holds another run's ``config.yaml``.
+    """Refuse to write into a folder that holds another run's ``config.yaml``, or into a file.
 
     A run is "another run" when any key outside ``RUN_ONLY_KEYS`` differs. Re-running the same
     command therefore passes (and resumes); ``resume_anyway=true`` accepts a changed config.
 
     Raises:
-        ConfigError: the configs differ and ``resume_anyway`` is false; the message lists the keys.
+        ConfigError: ``output_dir`` is not a writable folder (:func:`check_output_path`); the configs
+            differ and ``resume_anyway`` is false (the message lists the keys).
     """
+    check_output_path(output_dir)
     path = Path(output_dir) / "config.yaml"
     if not path.is_file() or cfg.get("resume_anyway"):
         return

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from utils.config import ConfigError
+
 __all__ = [
     "DistInfo",
     "init_distributed",
@@ -60,11 +62,16 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("config device='cuda' but no CUDA device is available; use device=cpu or auto")
+            raise ConfigError("config key 'device' is 'cuda' but no CUDA device is available "
+                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); "
+                              "use device=cpu or auto")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local_rank} needs a CUDA device {local_rank}, but this node has "
+                              f"{torch.cuda.device_count()}: start at most that many processes per node")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if device != "cpu":
-        raise ValueError(f"config key 'device' must be auto, cpu or cuda, got {device!r}")
+        raise ConfigError(f"config key 'device' must be auto, cpu or cuda, got {device!r}")
     return torch.device("cpu")
 
 
@@ -78,7 +85,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         The rank, local rank, world size and device of this process.
 
     Raises:
-        RuntimeError: ``device='cuda'`` without a CUDA device.
+        ConfigError: ``device='cuda'`` without a CUDA device (or fewer devices than local ranks), or an
+            unknown ``device``.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo(0, 0, 1, _resolve_device(device, 0))

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -58,15 +60,41 @@ _MAX_STATS_PATCHES = 1000
 
 
 def _extract(archive: Path, cache_dir: Path) -> Path:
-    """Extract ``archive`` into ``cache_dir/<name>`` once (a ``.done`` marker records completion)."""
+    """Extract ``archive`` into ``cache_dir/<name>`` once (a ``.done`` marker records completion).
+
+    Members are extracted with tarfile's ``data`` filter: absolute paths, ``..`` components, links out
+    of the destination and device files are refused.
+
+    Raises:
+        ValueError: the archive is damaged, truncated or holds a refused member (names the archive);
+            the partial extraction is removed.
+    """
     dest = cache_dir / archive.name.split(".")[0]
     marker = dest / ".done"
     if not marker.is_file():
         dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(dest, filter="data")
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(dest, filter="data")
+        except tarfile.FilterError as err:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise ValueError(f"BigEarthNet archive {archive}: refusing member {err.tarinfo.name!r} ({err})") from None
+        except (tarfile.TarError, EOFError, OSError) as err:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise ValueError(f"BigEarthNet archive {archive} is damaged or truncated ({type(err).__name__}: "
+                             f"{err})") from None
         marker.write_text(str(archive))
     return dest
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
 
 
 def find_patches(root, cache_dir=None) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -77,6 +105,7 @@ def find_patches(root, cache_dir=None) -> tuple[dict[str, Path], dict[str, Path]
 
     Raises:
         FileNotFoundError: ``root`` is missing or holds no S2 patch; archives without ``cache_dir``.
+        ValueError: a damaged archive or one with a refused member (path traversal), invalid JSON.
     """
     root = Path(root)
     if not root.exists():
@@ -94,7 +123,7 @@ def find_patches(root, cache_dir=None) -> tuple[dict[str, Path], dict[str, Path]
             if (folder / f"{name}_B02.tif").is_file():
                 s2[name] = folder
             elif (folder / f"{name}_VV.tif").is_file():
-                partner = json.loads(meta.read_text()).get("corresponding_s2_patch")
+                partner = _read_json(meta).get("corresponding_s2_patch")
                 if partner:
                     s1[partner] = folder
     if not s2:
@@ -161,7 +190,7 @@ class BigEarthNetDataset(Dataset):
         self.bands = {d: self._domain_bands(d) for d in self.in_domains}
         stats = self._band_stats(_split_names(Path(root), names, "train"))
         self.mean = {d: np.asarray([stats[b]["mean"] for b in bs], np.float32)[:, None, None] for d, bs in self.bands.items()}
-        self.std = {d: np.asarray([max(stats[b]["std"], 1e-6) for b in bs], np.float32)[:, None, None]
+        self.std = {d: np.asarray([stats[b]["std"] for b in bs], np.float32)[:, None, None]
                     for d, bs in self.bands.items()}
 
     def _domain_bands(self, domain: str) -> list[str]:
@@ -183,21 +212,31 @@ class BigEarthNetDataset(Dataset):
         return folder / f"{folder.name}_{band}.tif"
 
     def _band_stats(self, train_names: list[str]) -> dict:
+        """Per-band ``{"mean", "std", "num_patches"}``, from the cache or computed (then cached).
+
+        Raises:
+            ValueError: a needed band's mean or std is not finite, or its std is 0 (names the cache file).
+        """
         needed = sorted({b for bs in self.bands.values() for b in bs})
         path = Path(self.cache_dir) / "bigearthnet_band_stats.json" if self.cache_dir else None
-        cached = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-        if all(b in cached for b in needed):
-            return cached
-        rng = np.random.default_rng(self.seed)
-        names = list(train_names)
-        if len(names) > _MAX_STATS_PATCHES:
-            names = [names[i] for i in sorted(rng.choice(len(names), _MAX_STATS_PATCHES, replace=False))]
+        cached = _read_json(path) if path is not None and path.is_file() else {}
+        missing = [b for b in needed if b not in cached]
+        if missing:
+            rng = np.random.default_rng(self.seed)
+            names = list(train_names)
+            if len(names) > _MAX_STATS_PATCHES:
+                names = [names[i] for i in sorted(rng.choice(len(names), _MAX_STATS_PATCHES, replace=False))]
+            for b in missing:
+                vals = np.stack([_read_band(self._path(n, b)) for n in names if b not in ("VV", "VH") or n in self.s1])
+                cached[b] = {"mean": float(vals.mean()), "std": float(vals.std()), "num_patches": len(vals)}
+        where = path if path is not None else "BigEarthNet band statistics of the training patches"
         for b in needed:
-            if b in cached:
-                continue
-            vals = np.stack([_read_band(self._path(n, b)) for n in names if b not in ("VV", "VH") or n in self.s1])
-            cached[b] = {"mean": float(vals.mean()), "std": float(vals.std()), "num_patches": len(vals)}
-        if path is not None:
+            entry = cached[b] if isinstance(cached[b], dict) else {}
+            m, sd = entry.get("mean"), entry.get("std")
+            if not (isinstance(m, (int, float)) and isinstance(sd, (int, float)) and math.isfinite(m)
+                    and math.isfinite(sd) and sd > 0):
+                raise ValueError(f"{where}: band {b} has mean {m!r}, std {sd!r}; need finite values and std > 0")
+        if missing and path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cached, indent=1))
         return cached
@@ -217,7 +256,7 @@ class BigEarthNetDataset(Dataset):
         """
         meta = self.s2[name] / f"{name}_labels_metadata.json"
         out = torch.zeros(self.num_classes)
-        for lab in json.loads(meta.read_text()).get("labels", []):
+        for lab in _read_json(meta).get("labels", []):
             if lab not in BIGEARTHNET_CLASSES:
                 raise ValueError(f"{meta}: label {lab!r} is not one of the 43 BigEarthNet classes")
             out[BIGEARTHNET_CLASSES.index(lab)] = 1.0

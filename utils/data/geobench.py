@@ -26,6 +26,7 @@ import ast
 import datetime
 import io
 import json
+import math
 import pickle
 import re
 from dataclasses import dataclass
@@ -42,12 +43,14 @@ from multimae.domains import get_domain
 __all__ = [
     "GeoBenchTask",
     "GEOBENCH_TASKS",
+    "RefusedPickleError",
     "RestrictedUnpickler",
     "StandIn",
     "decode_sample_pickle",
     "s2_band_names",
     "task_class_names",
     "GeoBenchDataset",
+    "check_partition",
     "spatial_transform",
 ]
 
@@ -164,6 +167,10 @@ _REAL_CLASSES = {
 _standin_cache: dict[tuple[str, str], type] = {}
 
 
+class RefusedPickleError(pickle.UnpicklingError, ValueError):
+    """A sample's pickle names a global outside the GEO-Bench data types (it could run code); refused."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler for GEO-Bench v1 sample pickles that can only build data, never run code.
 
@@ -172,7 +179,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     ``datetime.date`` / ``datetime.datetime``; ``collections.OrderedDict``.
 
     Raises:
-        pickle.UnpicklingError: the pickle names any other global (e.g. ``os.system``, ``builtins.eval``).
+        RefusedPickleError: the pickle names any other global (e.g. ``os.system``, ``builtins.eval``); a
+            ``pickle.UnpicklingError`` and a ``ValueError``.
     """
 
     def find_class(self, module: str, name: str):
@@ -184,15 +192,15 @@ class RestrictedUnpickler(pickle.Unpickler):
             if key not in _standin_cache:
                 _standin_cache[key] = type(name, (StandIn,), {"module": module, "qualname": name})
             return _standin_cache[key]
-        raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name} (not a GEO-Bench data type)")
+        raise RefusedPickleError(f"refusing to unpickle global {module}.{name} (not a GEO-Bench data type)")
 
 
 def decode_sample_pickle(text: str | bytes, source: str = "sample") -> dict:
     """Decode a GEO-Bench sample's ``pickle`` attribute (``str`` of the pickle bytes) into a dict.
 
     Raises:
-        ValueError: the attribute is not a bytes literal or not a dict; ``pickle.UnpicklingError`` for a
-            forbidden global (the message names ``source``).
+        ValueError: the attribute is not a bytes literal or not a dict, or cannot be unpickled;
+            :class:`RefusedPickleError` for a forbidden global (the message names ``source``).
     """
     if isinstance(text, bytes):
         text = text.decode()
@@ -204,8 +212,10 @@ def decode_sample_pickle(text: str | bytes, source: str = "sample") -> dict:
         raise ValueError(f"{source}: attribute 'pickle' holds {type(raw).__name__}, expected bytes")
     try:
         out = RestrictedUnpickler(io.BytesIO(raw)).load()
-    except pickle.UnpicklingError as err:
-        raise pickle.UnpicklingError(f"{source}: {err}") from None
+    except RefusedPickleError as err:
+        raise RefusedPickleError(f"{source}: {err}") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError) as err:
+        raise ValueError(f"{source}: attribute 'pickle' cannot be decoded ({type(err).__name__}: {err})") from None
     if not isinstance(out, dict):
         raise ValueError(f"{source}: attribute 'pickle' decodes to {type(out).__name__}, expected a dict")
     return out
@@ -335,8 +345,45 @@ _SPLIT_KEYS = {"train": "train", "val": "valid", "valid": "valid", "test": "test
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"GEO-Bench: missing file {path}")
-    with path.open() as f:
-        return json.load(f)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
+def _open_sample(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"GEO-Bench sample {path} cannot be read as HDF5 ({' '.join(str(err).split())})") from None
+
+
+def check_partition(parts: dict, path: Path) -> None:
+    """Check a ``<partition>_partition.json``: each split a list of unique sample names, splits disjoint.
+
+    Raises:
+        ValueError: a split is not a list of names, lists a sample twice, or shares samples with
+            another split (names the file, the splits and a sample).
+    """
+    for name, samples in parts.items():
+        if not isinstance(samples, list) or not all(isinstance(x, str) for x in samples):
+            raise ValueError(f"{path}: split {name!r} must be a list of sample names")
+        seen: set[str] = set()
+        for sample in samples:
+            if sample in seen:
+                raise ValueError(f"{path}: split {name!r} lists sample {sample!r} more than once "
+                                 f"({len(samples) - len(set(samples))} repeats); each sample may appear once")
+            seen.add(sample)
+    names = list(parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sorted(set(parts[a]) & set(parts[b]))
+            if shared:
+                raise ValueError(f"{path}: splits {a!r} and {b!r} share {len(shared)} samples (e.g. {shared[0]!r}); "
+                                 "splits must be disjoint")
 
 
 class GeoBenchDataset(Dataset):
@@ -362,8 +409,11 @@ class GeoBenchDataset(Dataset):
 
     Raises:
         KeyError: unknown task or split. FileNotFoundError: missing task folder, partition file or sample.
-        ValueError: a domain the task cannot provide, a band absent from the task (named), missing band
-            stats, a label outside the class list.
+        ValueError: a domain the task cannot provide, a band absent from the task or a sample (named),
+            missing, non-finite or zero band stats, a partition with repeated or shared samples
+            (:func:`check_partition`), invalid JSON, an unreadable sample file, a label outside the
+            class list. :class:`RefusedPickleError` (a ``ValueError``): a sample pickle naming a
+            forbidden global.
     """
 
     def __init__(self, root, task: str, split: str, in_domains: list[str], *, partition: str = "default",
@@ -381,6 +431,7 @@ class GeoBenchDataset(Dataset):
             raise FileNotFoundError(f"GEO-Bench task folder {self.folder} does not exist (data_path)")
         part_path = self.folder / f"{partition}_partition.json"
         parts = _read_json(part_path)
+        check_partition(parts, part_path)
         key = _SPLIT_KEYS[split]
         if key not in parts:
             raise KeyError(f"{part_path}: no split {key!r}; has {', '.join(parts)}")
@@ -403,7 +454,7 @@ class GeoBenchDataset(Dataset):
         if not self.samples:
             raise ValueError(f"{self.folder}: the split is empty")
         path = self._sample_path(self.samples[0])
-        with h5py.File(path, "r") as h5:
+        with _open_sample(path) as h5:
             datasets = list(h5.keys())
             info = decode_sample_pickle(h5.attrs["pickle"], str(path)) if "pickle" in h5.attrs else {}
         bands = s2_band_names(datasets, info, self.spec.eurosat_shift)
@@ -425,9 +476,14 @@ class GeoBenchDataset(Dataset):
                 entry = stats.get(base, stats.get(bands[band]))
                 if not isinstance(entry, dict) or "mean" not in entry or "std" not in entry:
                     raise ValueError(f"{stats_path}: no mean/std for band {base!r}")
+                m, sd = entry["mean"], entry["std"]
+                if not (isinstance(m, (int, float)) and isinstance(sd, (int, float)) and math.isfinite(m)
+                        and math.isfinite(sd) and sd > 0):
+                    raise ValueError(f"{stats_path}: band {base!r} has mean {m!r}, std {sd!r}; need finite values "
+                                     "and std > 0")
                 names.append(base)
-                mean.append(entry["mean"] * self.spec.stats_scale)
-                std.append(max(entry["std"] * self.spec.stats_scale, 1e-6))
+                mean.append(m * self.spec.stats_scale)
+                std.append(sd * self.spec.stats_scale)
             plan[d] = (names, np.asarray(mean, np.float32)[:, None, None], np.asarray(std, np.float32)[:, None, None])
         return plan
 
@@ -461,11 +517,15 @@ class GeoBenchDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path = self._sample_path(self.samples[index])
-        with h5py.File(path, "r") as h5:
+        with _open_sample(path) as h5:
             info = decode_sample_pickle(h5.attrs["pickle"], str(path)) if "pickle" in h5.attrs else {}
             by_base = {_DATE_SUFFIX.sub("", n): n for n in sorted(h5.keys(), reverse=True)}  # earliest date wins
             images = []
             for d, (names, mean, std) in self._plan.items():
+                missing = [n for n in names if n not in by_base]
+                if missing:
+                    raise ValueError(f"{path}: band {missing[0]!r} (domain {d!r}) is missing; the task's first "
+                                     f"sample has it")
                 raw = np.stack([h5[by_base[n]][()] for n in names]).astype(np.float32)  # (C, H, W)
                 images.append(torch.from_numpy((raw - mean) / std))
             label = self._label(h5, info, path)

@@ -9,6 +9,14 @@ the tile's product (``sentinel2_l1c`` / ``sentinel2_l2a`` from ``metadata`` S2_t
 does), no-data becomes a validity mask (continuous) or ``IGNORE_INDEX`` (categorical), and label
 maps are cropped, never interpolated bilinearly.
 
+Damaged rows: a row that cannot be read or inflated (a corrupt gzip chunk, an HDF5 read error) or that
+holds a value outside its modality's ``physical_range`` (:mod:`multimae.domains`) is skipped: the sample
+is replaced by a substitute row drawn from the split by a hash of (seed, epoch, row), so every worker
+count gives the same batches, and a one-line warning names the file, dataset and row. The damaged rows
+are counted in shared memory (``MMEarthDataset.skipped_rows``, visible to the main process); more than
+``max_bad_rows`` of them stop the run with one error naming the file and rows. A fault of the whole
+file (truncated, not HDF5) is one error naming the file.
+
 Speed: one-chunk-per-sample gzip rows are read as raw chunks and inflated with libdeflate or zlib
 (:class:`utils.data.h5rows.RowReader`), and :meth:`MMEarthDataset.__getitems__` (called by
 ``torch.utils.data.DataLoader`` for each batch) normalises the whole batch with vectorised numpy.
@@ -16,8 +24,10 @@ Speed: one-chunk-per-sample gzip rows are read as raw chunks and inflated with l
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,8 +40,8 @@ from torch.utils.data import Dataset
 from multimae.domains import IGNORE_INDEX, Domain, Modality, get_domain, get_modality
 from utils.data.h5rows import RowReader, splitmix64
 from utils.data.mmearth_files import (
-    S2_PRODUCTS, check_modality_dataset, invalid_mask, load_band_stats, load_splits, read_s2_products,
-    resolve_fileset,
+    S2_PRODUCTS, DataFileError, check_modality_dataset, invalid_mask, load_band_stats, load_splits,
+    physical_range_violation, read_s2_products, resolve_fileset,
 )
 from utils.data.mmearth_metadata import MMEarthMetadata
 
@@ -39,6 +49,18 @@ __all__ = ["MMEarthDataset", "domain_record", "standardize_per_tile"]
 
 _ELEVATION_NORMS = ("per_tile", "band_stats")
 _REPORTED: set[tuple[str, str]] = set()  # (file, domain) already reported without any valid pixel
+#: What a damaged chunk raises while it is read or inflated (zlib, h5py / HDF5 filter and read errors).
+_READ_ERRORS = (zlib.error, OSError, RuntimeError, ValueError)
+_SUBSTITUTE_SALT = np.uint64(0xD1B54A32D192ED03)
+_MAX_DRAWS = 10_000  # substitute draws before giving up on a split whose rows are (nearly) all damaged
+
+
+class _BadRow(Exception):
+    """Internal: row ``row`` of dataset ``dataset`` is damaged (``reason``)."""
+
+    def __init__(self, row: int, dataset: str, reason: str) -> None:
+        super().__init__(reason)
+        self.row, self.dataset, self.reason = row, dataset, reason
 
 
 @dataclass
@@ -158,10 +180,15 @@ class MMEarthDataset(Dataset):
             read path uses it.
         metadata: Metadata fields to deliver (:data:`multimae.metadata.METADATA_FIELDS`, config key
             ``model.metadata``); a field the file set lacks is NaN for every sample, with one warning.
+        max_bad_rows: Damaged rows (unreadable, or physically impossible values in a used band) that
+            are skipped and replaced by substitutes; one more raises :class:`DataFileError` (config key
+            ``data.max_bad_rows``; 0 = the first damaged row stops the run).
 
     Raises:
         FileNotFoundError: missing HDF5 or side file. KeyError: unknown domain / split, missing HDF5
         dataset or stats key (the message names the file and key and lists valid names).
+        DataFileError: the HDF5 file cannot be opened or read (truncated, not HDF5); while sampling,
+        more than ``max_bad_rows`` damaged rows (names the file and rows).
         ValueError: wrong dtype / shape, bad split rows, bad stats, bad arguments.
     """
 
@@ -169,7 +196,7 @@ class MMEarthDataset(Dataset):
         self, data_path, domains: Sequence[str], split: str = "train", *, input_size: int | None = None,
         augment: bool = False, hflip: float = 0.5, resize: bool = False, elevation_norm: str = "per_tile",
         seed: int = 0, indices=None, rdcc_nbytes: int | None = None, batch_transform=None,
-        metadata: Sequence[str] = (),
+        metadata: Sequence[str] = (), max_bad_rows: int = 0,
     ) -> None:
         if isinstance(domains, str) or not domains:
             raise ValueError(f"domains must be a non-empty list of domain names, got {domains!r}")
@@ -177,6 +204,8 @@ class MMEarthDataset(Dataset):
             raise ValueError(f"elevation_norm must be one of {_ELEVATION_NORMS}, got {elevation_norm!r}")
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f"hflip must be a probability in [0, 1], got {hflip}")
+        if max_bad_rows < 0:
+            raise ValueError(f"max_bad_rows must be >= 0, got {max_bad_rows}")
         self.files = resolve_fileset(data_path)
         self.domains = list(dict.fromkeys(domains))
         self.augment, self.hflip, self.resize = bool(augment), float(hflip), bool(resize)
@@ -202,9 +231,22 @@ class MMEarthDataset(Dataset):
             )
         self._h5, self._readers, self._pid = None, None, None
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # visible to persistent workers
+        self.max_bad_rows = int(max_bad_rows)
+        # One flag per HDF5 row, set by whichever process finds the row damaged: shared, so the main
+        # process sees the workers' findings and a flagged row is never read again.
+        self._bad = torch.zeros(self.num_rows, dtype=torch.uint8).share_memory_()
+        self._bad_view = None  # numpy view of _bad, made per process with the file handle
+        self._bad_reasons: list[str] = []  # this process's findings, for the error message
+        self._range_bands = self._bands_to_check()
 
     # ------------------------------------------------------------------ construction
     def _open_and_check(self, split: str, indices) -> None:
+        try:
+            self._read_file_info(split, indices)
+        except (OSError, RuntimeError) as err:  # h5py: truncated / not HDF5 / unreadable metadata
+            raise DataFileError(f"{self.files.h5}: cannot read the HDF5 file ({' '.join(str(err).split())})") from err
+
+    def _read_file_info(self, split: str, indices) -> None:
         path = self.files.h5
         with h5py.File(path, "r") as h5:
             ref = "metadata" if "metadata" in h5 else next(iter(self._modalities))
@@ -230,6 +272,14 @@ class MMEarthDataset(Dataset):
             needs_s2 = any(m.stats_key == "sentinel2" for m in self._modalities.values())
             self._products = read_s2_products(h5, path, rows) if needs_s2 else np.zeros(self.num_rows, np.uint8)
         self._plans = self._build_plans(needs_s2)
+
+    def _bands_to_check(self) -> dict[str, list[int]]:
+        """Modality -> the band indices whose physical range is checked (those the domains use)."""
+        used: dict[str, set[int]] = {}
+        for plan in self._plans:
+            if plan.modality.physical_range:
+                used.setdefault(plan.modality.name, set()).update(plan.idx.tolist())
+        return {name: sorted(bands) for name, bands in used.items()}
 
     def _build_plans(self, needs_s2: bool) -> list[_Plan]:
         plans, needed, used = [], {}, {}
@@ -293,6 +343,21 @@ class MMEarthDataset(Dataset):
         """HDF5 row of each sample position (int64 (len,))."""
         return self._rows
 
+    @property
+    def rows_digest(self) -> str:
+        """SHA-256 (hex) of the split's HDF5 rows in order: changes when the split changes."""
+        return hashlib.sha256(np.ascontiguousarray(self._rows, dtype="<i8").tobytes()).hexdigest()
+
+    @property
+    def skipped_rows(self) -> int:
+        """Distinct damaged rows found so far by this process and its DataLoader workers."""
+        return int(self._bad.sum())
+
+    @property
+    def bad_rows(self) -> list[int]:
+        """HDF5 rows found damaged so far (sorted)."""
+        return np.flatnonzero(self._bad.numpy()).tolist()
+
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of ``epoch`` (shared with worker processes, persistent or not)."""
         self._epoch[0] = int(epoch)
@@ -325,9 +390,15 @@ class MMEarthDataset(Dataset):
         if self._readers is None or self._pid != os.getpid():
             # First use in this process (or a forked worker inherited the parent's handle): reopen.
             kw = {} if self._rdcc_nbytes is None else {"rdcc_nbytes": int(self._rdcc_nbytes)}
-            self._h5 = h5py.File(self.files.h5, "r", **kw)
-            self._readers = {m: RowReader(self._h5[m]) for m in self._modalities}
+            try:
+                self._h5 = h5py.File(self.files.h5, "r", **kw)
+                self._readers = {m: RowReader(self._h5[m]) for m in self._modalities}
+            except (OSError, RuntimeError, KeyError) as err:
+                raise DataFileError(f"{self.files.h5}: cannot reopen the HDF5 file "
+                                    f"({' '.join(str(err).split())})") from err
             self._pid = os.getpid()
+            self._bad_reasons = []
+            self._bad_view = self._bad.numpy()  # this process's view of the shared flags
         return self._readers[modality]
 
     def close(self) -> None:
@@ -338,7 +409,7 @@ class MMEarthDataset(Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_h5=None, _readers=None, _pid=None)
+        state.update(_h5=None, _readers=None, _pid=None, _bad_reasons=[], _bad_view=None)
         return state
 
     # ------------------------------------------------------------------ sampling
@@ -360,27 +431,97 @@ class MMEarthDataset(Dataset):
         flip = (h3 >> np.uint64(11)).astype(np.float64) * 2.0**-53 < self.hflip
         return y0.astype(np.int64), x0.astype(np.int64), flip
 
-    def _read_batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Read each modality once per row; crop and flip pixel modalities. Returns (B, C, h, w) / (B, C)."""
+    def _read_row(self, row: int) -> dict[str, np.ndarray]:
+        """Every loaded modality's full stored row; raises ``_BadRow`` for a damaged one."""
+        tiles, readers = {}, self._readers
+        for name, mod in self._modalities.items():
+            reader = readers[name]
+            try:
+                tile = reader.read(row)
+            except _READ_ERRORS as err:
+                cls = type(err)
+                kind = cls.__name__ if isinstance(err, OSError) else f"{cls.__module__}.{cls.__name__}"
+                raise _BadRow(row, name, f"{kind}: {' '.join(str(err).split())}") from None
+            bands = self._range_bands.get(name)
+            why = physical_range_violation(mod, tile, bands) if bands else None
+            if why:
+                raise _BadRow(row, name, why)
+            tiles[name] = tile
+        return tiles
+
+    def _substitute(self, row: int, draw: int) -> int:
+        """The ``draw``-th substitute for ``row``: a split row, a pure function of (seed, epoch, row, draw)."""
+        with np.errstate(over="ignore"):
+            key = splitmix64(splitmix64(np.uint64(self.seed & (2**64 - 1))) ^ np.uint64(self.epoch))
+            h = splitmix64(key ^ splitmix64(np.uint64(row) + np.uint64(draw) * _SUBSTITUTE_SALT))
+        return int(self._rows[int(h % np.uint64(len(self._rows)))])
+
+    def _good_row(self, row: int) -> tuple[int, dict[str, np.ndarray]]:
+        """``(row, its tiles)``, or the first undamaged substitute's when ``row`` is damaged."""
+        candidate, found = row, []
+        for draw in range(1, _MAX_DRAWS + 1):
+            if not self._bad_view[candidate]:
+                try:
+                    tiles = self._read_row(candidate)
+                except _BadRow as bad:
+                    self._record_bad(bad)
+                    found.append(bad)
+                else:
+                    for bad in found:
+                        print(f"warning: {self.files.h5}: skipped row {bad.row} (dataset {bad.dataset!r}: "
+                              f"{bad.reason}); sample replaced by row {candidate}; {self.skipped_rows} damaged "
+                              f"rows so far (data.max_bad_rows={self.max_bad_rows})", file=sys.stderr)
+                    return candidate, tiles
+            candidate = self._substitute(row, draw)
+        raise DataFileError(f"{self.files.h5}: no undamaged row of split {self.split!r} found in {_MAX_DRAWS} "
+                            f"draws ({self.skipped_rows} damaged rows: {self._bad_summary()})")
+
+    def _record_bad(self, bad: _BadRow) -> None:
+        """Flag a damaged row (shared with every process); past ``max_bad_rows``, stop."""
+        self._bad_view[bad.row] = 1
+        self._bad_reasons = (self._bad_reasons + [f"row {bad.row} ({bad.dataset}: {bad.reason})"])[-3:]
+        count = self.skipped_rows
+        if count > self.max_bad_rows:
+            raise DataFileError(f"{self.files.h5}: {count} damaged rows, more than data.max_bad_rows="
+                                f"{self.max_bad_rows}: {self._bad_summary()}")
+
+    def _bad_summary(self) -> str:
+        rows = self.bad_rows
+        shown = ", ".join(map(str, rows[:20])) + (f", ... ({len(rows)} in all)" if len(rows) > 20 else "")
+        return f"rows {shown}; last found here: {'; '.join(self._bad_reasons)}"
+
+    def _read_batch(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Read each modality once per row; crop and flip pixel modalities.
+
+        Returns:
+            The rows actually read (damaged ones replaced by their substitutes) and, per modality, the
+            batch as (B, C, h, w) / (B, C) stored values.
+        """
+        rows = np.array(rows, dtype=np.int64)  # a copy: substitutes replace damaged rows
         y0, x0, flip = self._geometry(rows)
         h = self.tile_size if self.resize else self.input_size
         out = {}
         for name, mod in self._modalities.items():
             reader = self._reader(name)
-            if mod.level == "image":
-                out[name] = np.stack([reader.read(r) for r in rows])
-                continue
-            buf = np.empty((len(rows), len(mod.bands), h, h), dtype=reader.dtype)
-            for b, r in enumerate(rows):
-                tile = reader.read(r)[:, y0[b]:y0[b] + h, x0[b]:x0[b] + h]
-                buf[b] = tile[..., ::-1] if flip[b] else tile
-            out[name] = buf
-        return out
+            shape = (len(rows), *reader.row_shape) if mod.level == "image" else (len(rows), len(mod.bands), h, h)
+            out[name] = np.empty(shape, dtype=reader.dtype)
+        for b, r in enumerate(rows):
+            row, tiles = self._good_row(int(r))
+            if row != r:  # the substitute's own crop and flip: a function of its row, as everywhere
+                rows[b] = row
+                y0[b], x0[b], flip[b] = (a[0] for a in self._geometry(rows[b:b + 1]))
+            for name, mod in self._modalities.items():
+                tile = tiles[name]
+                if mod.level == "image":
+                    out[name][b] = tile
+                    continue
+                tile = tile[:, y0[b]:y0[b] + h, x0[b]:x0[b] + h]
+                out[name][b] = tile[..., ::-1] if flip[b] else tile
+        return rows, out
 
     def __getitems__(self, positions) -> list[dict]:
         """Load a batch of samples (``DataLoader`` calls this once per batch); see the class docstring."""
-        rows = self._rows[np.asarray(positions, dtype=np.int64)]
-        raw = self._read_batch(rows)
+        rows, raw = self._read_batch(self._rows[np.asarray(positions, dtype=np.int64)])
         products = self._products[rows].astype(np.int64)
         inputs, valid = {}, {}
         for plan in self._plans:

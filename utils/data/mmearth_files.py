@@ -16,8 +16,8 @@ import numpy as np
 
 from multimae.domains import Modality
 
-__all__ = ["MMEarthFiles", "resolve_fileset", "load_splits", "load_band_stats", "read_s2_products",
-           "check_modality_dataset", "invalid_mask", "read_json_object", "S2_PRODUCTS"]
+__all__ = ["MMEarthFiles", "DataFileError", "resolve_fileset", "load_splits", "load_band_stats", "read_s2_products",
+           "check_modality_dataset", "invalid_mask", "physical_range_violation", "read_json_object", "S2_PRODUCTS"]
 
 #: Sentinel-2 product levels, in the order of the product codes used by the dataset (0 = l1c, 1 = l2a).
 S2_PRODUCTS = ("l1c", "l2a")
@@ -37,6 +37,39 @@ def invalid_mask(modality: Modality, x: np.ndarray) -> np.ndarray:
     if modality.valid_min is not None:
         bad |= x < modality.valid_min
     return bad
+
+
+class DataFileError(ValueError):
+    """A data file is unreadable or damaged (truncated HDF5, corrupt chunks, too many bad rows).
+
+    The message names the file and, for row faults, the dataset and rows.
+    """
+
+
+def physical_range_violation(modality: Modality, x: np.ndarray, bands) -> str | None:
+    """Describe the first value of ``x`` that the sensor cannot have produced, or return None.
+
+    Args:
+        modality: Registry entry; its ``physical_range`` gives the (low, high) of each band.
+        x: Stored values of one row, (C_mod, ...) in the modality's band order.
+        bands: Band indices to check (those the caller uses).
+
+    Returns:
+        None when every value of the checked bands is no-data (:func:`invalid_mask`) or inside its band's
+        range; otherwise one line naming the band, the value and the range.
+    """
+    if not modality.physical_range:
+        return None
+    for i in bands:
+        lo, hi = modality.physical_range[i]
+        v = x[i]
+        if v.min() >= lo and v.max() <= hi:  # NaN / inf fail this test and take the masked path
+            continue
+        bad = ((v < lo) | (v > hi)) & ~invalid_mask(modality, v)
+        if bad.any():
+            return (f"band {modality.bands[i]} holds {float(v[bad].flat[0]):g}, outside the physical range "
+                    f"[{lo:g}, {hi:g}] ({modality.units})")
+    return None
 
 
 @dataclass(frozen=True)
@@ -95,7 +128,7 @@ def read_json_object(path: Path) -> dict:
     """
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
@@ -105,8 +138,12 @@ def read_json_object(path: Path) -> dict:
 def load_splits(path: Path, num_rows: int) -> dict[str, np.ndarray]:
     """Read ``<stem>_splits.json``: split name -> int64 array of HDF5 row indices.
 
+    Every split must list each row at most once, every row must lie in ``[0, num_rows)``, and no row may
+    belong to two splits (a validation row inside the training split would make validation lie).
+
     Raises:
-        ValueError: a split is not a list of integers in ``[0, num_rows)`` (names file, split, value).
+        ValueError: a split is not a list of integers, holds a row outside the file or twice, or shares
+            rows with another split (the message names the file, the splits and a row).
     """
     out = {}
     for name, rows in read_json_object(path).items():
@@ -117,7 +154,19 @@ def load_splits(path: Path, num_rows: int) -> dict[str, np.ndarray]:
         bad = arr[(arr < 0) | (arr >= num_rows)]
         if bad.size:
             raise ValueError(f"{path}: split {name!r} holds row {int(bad[0])}, outside [0, {num_rows})")
+        uniq, counts = np.unique(arr, return_counts=True)
+        if uniq.size != arr.size:
+            dup = uniq[counts > 1]
+            raise ValueError(f"{path}: split {name!r} lists {arr.size - uniq.size} rows more than once "
+                             f"(row {int(dup[0])} {int(counts[counts > 1][0])} times); each row may appear once")
         out[name] = arr
+    names = list(out)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = np.intersect1d(out[a], out[b], assume_unique=True)
+            if shared.size:
+                raise ValueError(f"{path}: splits {a!r} and {b!r} share {shared.size} rows (e.g. row "
+                                 f"{int(shared[0])}); splits must be disjoint")
     return out
 
 
