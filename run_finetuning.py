@@ -34,6 +34,7 @@ load (``utils.finetune``) and the grid.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
@@ -531,19 +532,20 @@ def main(cfg: dict) -> dict:
     info = init_distributed(cfg["device"])
     try:
         out = Path(cfg["output_dir"])
-        check_output_dir(cfg, out)
-        if info.is_main:
-            save_config(cfg, out)
-        path = cfg["finetune"]["checkpoint"]
-        pretrained = read_pretraining_checkpoint(path) if path else None
-        pre_norm = pretrained and pretrained["config"].get("data", {}).get("elevation_norm")
-        mmearth = cfg["finetune"]["dataset"] == "mmearth"
-        if info.is_main and mmearth and pre_norm and pre_norm != cfg["data"]["elevation_norm"]:
-            print(f"warning: data.elevation_norm is {cfg['data']['elevation_norm']!r} but the checkpoint was pretrained "
-                  f"with {pre_norm!r}", file=sys.stderr)
-        if cfg["finetune"]["grid"]:
-            return run_grid(cfg, info, pretrained)
-        return run_one(cfg, info, list(cfg["in_domains"]), out, pretrained)
+        with ckpt.lock_output_dir(out) if info.is_main else contextlib.nullcontext():  # one run per folder
+            check_output_dir(cfg, out)
+            if info.is_main:
+                save_config(cfg, out)
+            path = cfg["finetune"]["checkpoint"]
+            pretrained = read_pretraining_checkpoint(path) if path else None
+            pre_norm = pretrained and pretrained["config"].get("data", {}).get("elevation_norm")
+            mmearth = cfg["finetune"]["dataset"] == "mmearth"
+            if info.is_main and mmearth and pre_norm and pre_norm != cfg["data"]["elevation_norm"]:
+                print(f"warning: data.elevation_norm is {cfg['data']['elevation_norm']!r} but the checkpoint was pretrained "
+                      f"with {pre_norm!r}", file=sys.stderr)
+            if cfg["finetune"]["grid"]:
+                return run_grid(cfg, info, pretrained)
+            return run_one(cfg, info, list(cfg["in_domains"]), out, pretrained)
     finally:
         cleanup()
 

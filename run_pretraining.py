@@ -50,7 +50,7 @@ def build_datasets(cfg: dict) -> tuple[MMEarthDataset, MMEarthDataset | None]:
     data = cfg["data"]
     domains = data_domains(cfg)
     common = dict(input_size=data["input_size"], resize=data["resize"], elevation_norm=data["elevation_norm"],
-                  seed=cfg["seed"], metadata=cfg["model"]["metadata"])
+                  seed=cfg["seed"], max_bad_rows=data["max_bad_rows"], metadata=cfg["model"]["metadata"])
     train = MMEarthDataset(cfg["data_path"], domains, data["train_split"], augment=True, hflip=data["hflip"], **common)
     val = None
     if data["val_split"] and data["val_split"] in train.split_names:
@@ -183,18 +183,19 @@ def main(cfg: dict) -> dict:
     info = init_distributed(cfg["device"])
     try:
         out = Path(cfg["output_dir"])
-        check_output_dir(cfg, out)
-        if info.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-        loop = TrainLoop(cfg, info, PretrainTask(cfg, info, out), out)
-        if info.is_main:
-            save_config(cfg, out)
-        log = loop.logger()
-        try:
-            return loop.run(log)
-        finally:
-            log.close()
+        with ckpt.lock_output_dir(out) if info.is_main else contextlib.nullcontext():  # one run per folder
+            check_output_dir(cfg, out)
+            if info.device.type == "cuda":
+                torch.backends.cudnn.benchmark = True
+                torch.backends.cuda.matmul.allow_tf32 = True
+            loop = TrainLoop(cfg, info, PretrainTask(cfg, info, out), out)
+            if info.is_main:
+                save_config(cfg, out)
+            log = loop.logger()
+            try:
+                return loop.run(log)
+            finally:
+                log.close()
     finally:
         cleanup()
 

@@ -68,6 +68,8 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
     check_output_dir(cfg, tmp_path)  # the same run: fine
     check_output_dir(load_config(None, [f"output_dir={tmp_path}", "max_steps=7", "num_workers=0"]), tmp_path)
     other = load_config(None, [f"output_dir={tmp_path}", "optim.blr=5e-4"])
+    check_output_dir(other, tmp_path)  # no checkpoint yet (a run that stopped early): the corrected run may start
+    (tmp_path / "checkpoint-last.pth").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"another run.*optim\.blr"):
         check_output_dir(other, tmp_path)
     check_output_dir(load_config(None, [f"output_dir={tmp_path}", "optim.blr=5e-4", "resume_anyway=true"]), tmp_path)
@@ -196,10 +198,10 @@ def test_the_range_table_covers_real_keys_and_the_defaults_satisfy_it():
     ("data.hflip=1.5", "'data.hflip' must be in [0, 1], got 1.5"),
     ("data.max_bad_rows=-1", "'data.max_bad_rows' must be >= 0"),
     ("model.drop_path=1.0", "'model.drop_path' must be in [0, 1)"),
-    ("masking.num_encoded_tokens=0", "'masking.num_encoded_tokens' must be >= 1"),
-    ("masking.alphas=[1.0, -1]", "'masking.alphas' must be a list of >= 1 items, each > 0"),
+    ("multimae.masking.num_encoded_tokens=0", "'multimae.masking.num_encoded_tokens' must be >= 1"),
+    ("multimae.masking.alphas=[1.0, -1]", "'multimae.masking.alphas' must be a list of >= 1 items, each > 0"),
     ("optim.eps=.nan", "'optim.eps' must be > 0, got nan"),
-    ("out_domains=[]", "'out_domains' must be a list of >= 1 items, got []"),
+    ("multimae.out_domains=[]", "'multimae.out_domains' must be a list of >= 1 items, got []"),
 ])
 def test_each_out_of_range_value_is_one_error_naming_key_and_source(item, message, tmp_path):
     with pytest.raises(ConfigError, match=r"^command line: key " + re.escape(message)):

@@ -190,3 +190,24 @@ def test_sigterm_mid_run_checkpoints_exits_75_and_the_rerun_matches_uninterrupte
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_a_locked_output_dir_and_changed_data_refuse_the_run(mmearth_fileset, tmp_path):
+    from utils.checkpoint import lock_output_dir
+
+    out = tmp_path / "run"
+    with lock_output_dir(out):  # another run holds the folder
+        with pytest.raises(CheckpointError, match=rf"pid {os.getpid()}"):
+            run_pretraining.main(tiny_cfg(mmearth_fileset, out, "max_steps=1"))
+    data = tmp_path / "data"
+    shutil.copytree(mmearth_fileset, data)
+    run_pretraining.main(tiny_cfg(data, out, "max_steps=1"))
+    stats_file = next(data.glob("*_band_stats.json"))
+    import json
+
+    stats = json.loads(stats_file.read_text())
+    stats["sentinel2_l1c"]["mean"][3] += 100.0  # B04, part of s2_rgb: the file set's statistics changed
+    stats_file.write_text(json.dumps(stats))
+    with pytest.raises(CheckpointError, match=r"(?s)s2_rgb.*resume_anyway"):
+        run_pretraining.main(tiny_cfg(data, out, "max_steps=2"))
+    assert run_pretraining.main(tiny_cfg(data, out, "max_steps=2", "resume_anyway=true"))["step"] == 2

@@ -69,7 +69,7 @@ MAPPING_KEYS = frozenset({"model.patch_sizes", "model.ffn_options", "multimae.lo
 #: steer how a run executes or reports, not what it computes (``max_steps`` only moves the stop).
 RUN_ONLY_KEYS = frozenset({
     "output_dir", "resume", "resume_anyway", "max_steps", "num_workers", "device", "save_every_steps",
-    "log_every_steps", "keep_every_epochs", "compile", "data.pin_memory", "vis", "wandb",
+    "log_every_steps", "keep_every_epochs", "compile", "data.pin_memory", "data.max_bad_rows", "vis", "wandb",
 })
 
 
@@ -150,7 +150,6 @@ VALUE_RULES: dict[str, Rule] = {
     "max_nonfinite_steps": Rule(1),
     # domains
     "in_domains": Rule(min_items=1),
-    "out_domains": Rule(min_items=1),
     # data
     "data.input_size": Rule(1),
     "data.hflip": Rule(0, 1),
@@ -160,12 +159,25 @@ VALUE_RULES: dict[str, Rule] = {
     "model.num_global_tokens": Rule(1),
     "model.drop_path": Rule(0, 1, high_open=True),
     "model.class_embed_dim": Rule(1),
-    "model.decoder_dim": Rule(1),
-    "model.decoder_depth": Rule(0),
-    "model.decoder_heads": Rule(1),
-    # masking
-    "masking.num_encoded_tokens": Rule(1),
-    "masking.alphas": Rule(0, low_open=True, min_items=1),
+    "model.mlp_ratio": Rule(0, low_open=True),
+    "model.gsd": Rule(0, low_open=True),
+    "model.pos_embed_grid": Rule(1, nullable=True),
+    "model.kv_groups": Rule(1, nullable=True),
+    # objective multimae
+    "multimae.out_domains": Rule(min_items=1),
+    "multimae.decoder.dim": Rule(1),
+    "multimae.decoder.depth": Rule(0),
+    "multimae.decoder.heads": Rule(1),
+    "multimae.masking.num_encoded_tokens": Rule(1),
+    "multimae.masking.alphas": Rule(0, low_open=True, min_items=1),
+    # objective moe_mae
+    "moe_mae.mask_ratio": Rule(0, 1, low_open=True, high_open=True),
+    "moe_mae.loss.visible_weight": Rule(0),
+    "moe_mae.loss.balance_weight": Rule(0),
+    "moe_mae.decoder.dim": Rule(1),
+    "moe_mae.decoder.depth": Rule(1),
+    "moe_mae.decoder.heads": Rule(1),
+    "moe_mae.decoder.kv_groups": Rule(1, nullable=True),
     # optimizer and schedule
     "optim.blr": Rule(0, low_open=True),
     "optim.min_lr": Rule(0),
@@ -183,6 +195,12 @@ VALUE_RULES: dict[str, Rule] = {
     "finetune.knn_k": Rule(1),
     "finetune.knn_temperature": Rule(0, low_open=True),
     "finetune.eval_every_epochs": Rule(1),
+    "finetune.probe_blr": Rule(0, low_open=True),
+    "finetune.probe_momentum": Rule(0, 1, high_open=True),
+    "finetune.probe_weight_decay": Rule(0),
+    "finetune.logistic_max_iter": Rule(1),
+    "finetune.embedding_map_samples": Rule(0),
+    "finetune.scratch_layer_decay": Rule(0, 1, low_open=True, nullable=True),
 }
 
 
@@ -544,6 +562,8 @@ def check_output_dir(cfg: dict, output_dir: str | Path) -> None:
     path = Path(output_dir) / "config.yaml"
     if not path.is_file() or cfg.get("resume_anyway"):
         return
+    if not any(Path(output_dir).glob("checkpoint-*.pth")):
+        return  # a run that stopped before its first checkpoint: nothing to protect, the corrected run starts
     old = migrate_config(yaml.safe_load(path.read_text()) or {})
     changed = _diff(old, cfg)
     if changed:

@@ -21,7 +21,10 @@ both, with the run-wide config keys meaning the same in both:
   the same command again resumes on the same trajectory;
 - throughput facts in every step record: ``data_wait_fraction`` (share of the wall time since the last record
   spent waiting for the loader), ``samples_per_s``, ``peak_mem_mb`` (max allocated on GPU, peak RSS on CPU) and,
-  on a known GPU, ``mfu`` (FLOPs of one step counted once with torch's flop counter).
+  on a known GPU, ``mfu`` (FLOPs of one step counted once with torch's flop counter); ``skipped_rows`` (damaged
+  rows the dataset replaced, see :class:`utils.data.mmearth.MMEarthDataset`);
+- a resume whose training data changed (band statistics, split, steps per epoch) is refused unless
+  ``resume_anyway`` (:func:`utils.checkpoint.check_resume_data`).
 """
 
 from __future__ import annotations
@@ -208,9 +211,18 @@ class TrainLoop:
         p = self.progress
         sampler = {**self.task.train_loader.sampler.state_dict(), "epoch": p.epoch, "start": self._samples_done()}
         return {"format_version": ckpt.FORMAT_VERSION, "kind": self.task.kind, **self.task.state(),
+                "data_fingerprint": self._fingerprint(),
                 **self.task.engine.state_dict(), "step": p.step, "epoch": p.epoch, "epoch_step": p.epoch_step,
                 "steps_per_epoch": self.steps_per_epoch, "rng": rngs, "sampler": sampler, "config": self.cfg,
                 "code_commit": self.code_commit}
+
+    def _fingerprint(self) -> dict:
+        """What a resume must find unchanged about the training data (:func:`utils.checkpoint.data_fingerprint`;
+        steps per epoch only for a dataset without domain records and a split digest)."""
+        ds = self.task.train_set
+        if hasattr(ds, "domain_info") and hasattr(ds, "rows_digest"):
+            return ckpt.data_fingerprint(ds, self.steps_per_epoch)
+        return {"steps_per_epoch": self.steps_per_epoch}
 
     def save(self, *names: str) -> None:
         """Write the checkpoint atomically under each of ``names`` in the output folder (rank 0; all ranks call)."""
@@ -226,6 +238,13 @@ class TrainLoop:
         ``tools/import_reference_checkpoint.py``) starts a fresh optimizer and keeps this run's seeding, and says so.
         """
         state = ckpt.read_checkpoint(path, kind=self.task.kind)
+        missing = [k for k in ("epoch",) if k not in state]
+        if missing:
+            raise ckpt.CheckpointError(f"{path}: checkpoint entry {missing[0]!r} is missing (not written by this code's "
+                                       f"training loop?); resume=never starts over elsewhere")
+        for line in ckpt.check_resume_data(state.get("data_fingerprint", {}), self._fingerprint(), path,
+                                           resume_anyway=self.cfg["resume_anyway"]):
+            log.write(f"warning: resume_anyway: {line}")
         self.task.load_state(state, path)
         fresh = {} if self.task.engine.load_state_dict(state) else {"optimizer": "the optimizer starts fresh"}
         epoch = int(state["epoch"])
@@ -339,6 +358,7 @@ class TrainLoop:
                     last = {"step": p.step, "epoch": round(p.epoch + p.epoch_step / self.steps_per_epoch, 4),
                             **out.values, "lr": lr, "grad_norm": out.grad_norm, "samples_per_s": rate,
                             "skipped_steps": engine.nonfinite_total, "data_wait_fraction": round(waited / elapsed, 4),
+                            "skipped_rows": int(getattr(self.task.train_set, "skipped_rows", 0)),
                             "peak_mem_mb": round(peak_memory_mb(engine.device), 1)}
                     if self.flops_per_step is not None and peak is not None:
                         steps_per_s = (p.step - n0) / elapsed

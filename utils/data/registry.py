@@ -65,7 +65,7 @@ def _mmearth(cfg: dict, in_domains: list[str], split: str, train: bool) -> Datas
     try:
         ds = MMEarthSegDataset(cfg["data_path"], in_domains, cfg["finetune"]["target"], split,
                                input_size=data["input_size"], elevation_norm=data["elevation_norm"],
-                               **_augmentation(cfg, train))
+                               max_bad_rows=data["max_bad_rows"], **_augmentation(cfg, train))
     except KeyError as err:
         if "unknown split" in str(err) and not train:
             return None
