@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -23,8 +20,9 @@ import run_finetuning
 import run_pretraining
 from multimae.build import build_encoder, build_pretraining
 from multimae.objectives.jepa import JEPAObjective, ema_momentum, mil_nce
-from multimae.objectives.jepa_masks import JEPAMasking, block_size, draw_blocks, modality_keep
+from multimae.objectives.jepa_masks import block_size, draw_blocks, modality_keep
 from tests.multimae_fixture import DEFAULTS, random_batch
+from tests.test_run_pretraining import _spawn_env, kill_9_then_resume
 from utils.checkpoint import encoder_entry, load_checkpoint
 from utils.config import load_config
 from utils.data.mmearth import MMEarthDataset
@@ -354,14 +352,6 @@ def test_pretraining_run_then_its_checkpoint_fine_tunes_and_probes(mmearth_files
         assert res["new_domains"] == [] and 0.0 <= res["metrics"]["test"]["miou"] <= 1.0
 
 
-def _losses(out):
-    return {r["step"]: r["loss"] for r in read_log(Path(out) / "log.jsonl") if "loss" in r}
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-
-
 @pytest.mark.slow
 def test_kill_9_then_resume_matches_uninterrupted_teacher_included(mmearth_fileset, tmp_path):
     def command(out):
@@ -369,17 +359,8 @@ def test_kill_9_then_resume_matches_uninterrupted_teacher_included(mmearth_files
                 *TINY, "num_workers=2", "epochs=4", "save_every_steps=2"]
 
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(command(full), check=True, env=_env(), cwd=REPO, timeout=300, capture_output=True)
-    proc = subprocess.Popen(command(killed), env=_env(), cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and max(_losses(killed), default=0) < 3 and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run and its DataLoader workers
-    proc.wait()
-    assert load_checkpoint(killed / "checkpoint-last.pth")["step"] < 8
-    subprocess.run(command(killed), check=True, env=_env(), cwd=REPO, timeout=300, capture_output=True)
-    a, b = _losses(full), _losses(killed)
+    a, b, resumed_from = kill_9_then_resume(command, full, killed)
+    assert resumed_from < 8
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
@@ -397,7 +378,7 @@ def test_two_gloo_ranks_hold_the_same_teacher(mmearth_fileset, tmp_path):
     args = [f"data_path={mmearth_fileset}", f"output_dir={out}", *TINY, "batch_size=2", "max_steps=3"]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     str(REPO / "tests" / "run_pretraining_ddp_worker.py"), *args],
-                   check=True, env=_env(), cwd=REPO, timeout=300)
+                   check=True, env=_spawn_env(), cwd=REPO, timeout=300)
     records = read_log(out / "log.jsonl")
     assert records[0]["world_size"] == 2 and max(r["step"] for r in records) == 3
     p0, p1 = torch.load(out / "params_rank0.pth"), torch.load(out / "params_rank1.pth")

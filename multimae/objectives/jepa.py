@@ -73,8 +73,9 @@ from multimae.pos_embed import sincos_pos_embed_coords
 
 __all__ = ["JEPAObjective", "JEPAPredictor", "mil_nce", "ema_momentum"]
 
-#: Similarity entries per chunk of MIL-NCE rows (64 MiB in fp32); chunks are recomputed in the backward pass.
-_MIL_NCE_CHUNK = 2**24
+#: Similarity entries per chunk of MIL-NCE rows (4 MiB in fp32: reused by the allocator instead of mapped anew);
+#: chunks are recomputed in the backward pass.
+_MIL_NCE_CHUNK = 2**20
 
 
 def ema_momentum(step: int, total_steps: int, momentum: tuple[float, float]) -> float:
@@ -84,12 +85,19 @@ def ema_momentum(step: int, total_steps: int, momentum: tuple[float, float]) -> 
     return start + (end - start) * min(step, total_steps) / max(total_steps, 1)
 
 
-def _lse_rows(rows: torch.Tensor, feats: torch.Tensor, row_block: torch.Tensor, col_block: torch.Tensor,
-              col_valid: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logsumexp over allowed columns of ``rows @ feats.T / temperature``: (R,)."""
-    sim = rows @ feats.T / temperature  # (R, T)
-    sim = sim.masked_fill((row_block[:, None] == col_block[None, :]) | ~col_valid[None, :], float("-inf"))
-    return torch.logsumexp(sim, dim=1)
+#: Similarity logit that takes no part (finite, so rows without any candidate keep finite gradients).
+_EXCLUDED = -1.0e4
+
+
+def _block_lse(rows: torch.Tensor, feats: torch.Tensor, col_bias: torch.Tensor, first_block: int,
+               block_len: int) -> torch.Tensor:
+    """logsumexp over the candidates of the anchors ``rows`` (whole (sample, modality) blocks from
+    ``first_block`` on, already divided by the temperature) against every token ``feats`` (T, D): (R,)."""
+    k, blocks = rows.shape[0] // block_len, feats.shape[0] // block_len
+    own = torch.zeros(k, 1, blocks, 1, device=rows.device)
+    own[torch.arange(k), 0, first_block + torch.arange(k), 0] = _EXCLUDED  # the anchor's own block
+    sim = (rows @ feats.T).view(k, block_len, blocks, block_len) + (own + col_bias.view(1, 1, blocks, block_len))
+    return torch.logsumexp(sim.view(k * block_len, -1), dim=1)
 
 
 def mil_nce(tokens: torch.Tensor, valid: torch.Tensor | None, temperature: float) -> torch.Tensor:
@@ -100,8 +108,8 @@ def mil_nce(tokens: torch.Tensor, valid: torch.Tensor | None, temperature: float
     blocks (positives included); the tokens of its own (sample, modality) block are excluded. Similarities are
     cosines divided by ``temperature``. The loss of an anchor is
     ``logsumexp(candidates) - logsumexp(positives)``; the result is the mean over anchors with a valid positive.
-    The (anchors x tokens) similarities are built in chunks that are recomputed in the backward pass, so memory
-    stays bounded; the compute grows with the square of B x M x N.
+    The (tokens x tokens) similarities are built a few blocks of rows at a time and recomputed in the backward
+    pass, so memory stays bounded; the compute grows with the square of B x M x N.
 
     Args:
         tokens: (B, M, N, D) per-modality patch tokens.
@@ -115,31 +123,30 @@ def mil_nce(tokens: torch.Tensor, valid: torch.Tensor | None, temperature: float
     feats = F.normalize(tokens.float(), dim=-1)
     if valid is None:
         valid = torch.ones(b, m, n, dtype=torch.bool, device=tokens.device)
-    # Positives: (B, N, M anchors, M others) cosines of the same sample and position.
-    by_pos = feats.permute(0, 2, 1, 3)  # (B, N, M, D)
-    pos = by_pos @ by_pos.transpose(-1, -2) / temperature  # (B, N, M, M)
-    v = valid.permute(0, 2, 1)  # (B, N, M)
+    # Positives: (B, N, M anchors, M others) similarities of the same sample and position.
+    by_pos = feats.transpose(1, 2)  # (B, N, M, D)
+    v = valid.transpose(1, 2)  # (B, N, M)
     pos_ok = v[:, :, None, :] & ~torch.eye(m, dtype=torch.bool, device=tokens.device)
-    anchor = v & pos_ok.any(dim=-1)  # (B, N, M)
+    anchor = (v & pos_ok.any(dim=-1)).transpose(1, 2)  # (B, M, N)
     if not bool(anchor.any()):
         return feats.sum() * 0.0
-    pos_rows = pos.masked_fill(~pos_ok, float("-inf"))[anchor]  # (R, M), each row has a finite entry
-    log_pos = torch.logsumexp(pos_rows, dim=1)
-    # Candidates: every valid token of another (sample, modality) block.
-    flat = by_pos.reshape(-1, d)  # (T, D), tokens in (b, n, m) order
-    block = (torch.arange(b, device=tokens.device)[:, None, None] * m
-             + torch.arange(m, device=tokens.device)[None, None, :]).expand(b, n, m).reshape(-1)
-    col_valid = v.reshape(-1)
-    rows = anchor.reshape(-1).nonzero().squeeze(1)
-    chunk = max(1, _MIL_NCE_CHUNK // flat.shape[0])
+    pos = (by_pos @ by_pos.transpose(-1, -2) / temperature).masked_fill(~pos_ok, _EXCLUDED)
+    log_pos = torch.logsumexp(pos, dim=-1).transpose(1, 2)  # (B, M, N)
+    # Candidates: every valid token of another (sample, modality) block; tokens in (b, m, n) order, so each
+    # block is a run of N rows and columns.
+    flat = feats.reshape(-1, d)  # (T, D)
+    scaled = flat / temperature
+    col_bias = torch.where(valid.reshape(-1), 0.0, _EXCLUDED)
+    per_chunk = max(1, _MIL_NCE_CHUNK // (n * flat.shape[0]))  # blocks of rows per chunk
     lse = []
-    for part in rows.split(chunk):
-        args = (flat[part], flat, block[part], block, col_valid, temperature)
+    for first in range(0, b * m, per_chunk):
+        args = (scaled[first * n:(first + per_chunk) * n], flat, col_bias, first, n)
         if torch.is_grad_enabled() and flat.requires_grad:
-            lse.append(checkpoint(_lse_rows, *args, use_reentrant=False))
+            lse.append(checkpoint(_block_lse, *args, use_reentrant=False))
         else:
-            lse.append(_lse_rows(*args))
-    return (torch.cat(lse) - log_pos).mean()
+            lse.append(_block_lse(*args))
+    log_all = torch.cat(lse).view(b, m, n)
+    return (log_all - log_pos)[anchor].mean()
 
 
 class JEPAPredictor(nn.Module):

@@ -19,7 +19,9 @@ Per sample (from the sample's own seed):
    is redrawn (all blocks), up to ``MAX_DRAWS`` times; then the masks are refused with an error naming the
    settings. Every sample of a batch keeps the same number of context positions: the batch's smallest context,
    each sample dropping a random subset of its own (I-JEPA truncates to the smallest the same way, keeping the
-   first positions in row-major order instead of a random subset).
+   first positions in row-major order instead of a random subset). With AnySat's four targets of up to 0.8 of
+   the grid the union of the targets covers most of it, so contexts are small, and the smallest of a large
+   batch smaller still.
 4. **Modality masking** (AnySat, ratio r = ``modality_ratio``): at every context position one random modality
    with a valid token stays; of the other (M - 1) x C tokens of the sample, ``int((M - 1) * C * (1 - r))``
    chosen at random (valid tokens first) stay too, and the rest are replaced by the objective's mask token.
