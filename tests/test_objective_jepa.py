@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +21,7 @@ from multimae.build import build_encoder, build_pretraining
 from multimae.objectives.jepa import JEPAObjective, ema_momentum, mil_nce
 from multimae.objectives.jepa_masks import block_size, draw_blocks, modality_keep
 from tests.multimae_fixture import DEFAULTS, random_batch
-from tests.test_run_pretraining import _spawn_env, kill_9_then_resume
+from tests.test_run_pretraining import kill_9_then_resume, two_gloo_ranks
 from utils.checkpoint import encoder_entry, load_checkpoint
 from utils.config import load_config
 from utils.data.mmearth import MMEarthDataset
@@ -374,14 +373,7 @@ def test_kill_9_then_resume_matches_uninterrupted_teacher_included(mmearth_files
 
 @pytest.mark.slow
 def test_two_gloo_ranks_hold_the_same_teacher(mmearth_fileset, tmp_path):
-    out = tmp_path / "ddp"
-    args = [f"data_path={mmearth_fileset}", f"output_dir={out}", *TINY, "batch_size=2", "max_steps=3"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(REPO / "tests" / "run_pretraining_ddp_worker.py"), *args],
-                   check=True, env=_spawn_env(), cwd=REPO, timeout=300)
-    records = read_log(out / "log.jsonl")
-    assert records[0]["world_size"] == 2 and max(r["step"] for r in records) == 3
-    p0, p1 = torch.load(out / "params_rank0.pth"), torch.load(out / "params_rank1.pth")
+    p0, p1 = two_gloo_ranks([f"data_path={mmearth_fileset}", *TINY], tmp_path / "ddp")
     teacher = [k for k in p0 if k.startswith("teacher.")]
     assert teacher and p0.keys() == p1.keys()
     for k in p0:

@@ -105,16 +105,22 @@ def _spawn_env():
     return env
 
 
-@pytest.mark.slow
-def test_two_process_gloo_ranks_hold_identical_parameters(mmearth_fileset, tmp_path):
-    out = tmp_path / "ddp"
-    args = [f"data_path={mmearth_fileset}", f"output_dir={out}", *TINY, "batch_size=2", "max_steps=3"]
+def two_gloo_ranks(args: list[str], out: Path) -> tuple[dict, dict]:
+    """Pretrain with ``args`` (config items) for 3 steps of batch 2 in 2 torchrun processes (gloo) into ``out``;
+    check the log, and return the two ranks' final objective state dicts (tests/run_pretraining_ddp_worker.py)."""
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(REPO / "tests" / "run_pretraining_ddp_worker.py"), *args],
+                    str(REPO / "tests" / "run_pretraining_ddp_worker.py"), *args, f"output_dir={out}",
+                    "batch_size=2", "max_steps=3"],
                    check=True, env=_spawn_env(), cwd=REPO, timeout=300)
     records = read_log(out / "log.jsonl")
     assert records[0]["world_size"] == 2 and max(r["step"] for r in records) == 3
-    p0, p1 = torch.load(out / "params_rank0.pth"), torch.load(out / "params_rank1.pth")
+    return torch.load(out / "params_rank0.pth"), torch.load(out / "params_rank1.pth")
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ranks_hold_identical_parameters(mmearth_fileset, tmp_path):
+    out = tmp_path / "ddp"
+    p0, p1 = two_gloo_ranks([f"data_path={mmearth_fileset}", *TINY], out)
     assert p0.keys() == p1.keys()
     for k in p0:
         torch.testing.assert_close(p0[k], p1[k], rtol=0, atol=0, msg=k)
