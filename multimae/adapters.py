@@ -117,7 +117,8 @@ class _GridAdapter(nn.Module):
         if patch_size is None or patch_size == self.patch_size:
             return self.patch_size
         if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
-            raise ValueError(f"domain {self.name!r}: patch size must be a positive number of pixels, got {patch_size!r}")
+            raise ValueError(f"domain {self.name!r}: patch size must be a positive number of pixels, "
+                             f"got {patch_size!r}")
         if patch_size % self.pixels_per_cell:
             raise ValueError(f"domain {self.name!r}: patch size {patch_size} px is not divisible by its "
                              f"label_downsample {self.pixels_per_cell}")

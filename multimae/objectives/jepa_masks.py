@@ -123,7 +123,7 @@ def modality_keep(rng: np.random.Generator, token_valid: np.ndarray, ratio: floa
     return keep & token_valid
 
 
-def _pair(value, key: str, *, high: float, high_open: bool) -> tuple[float, float]:
+def _pair(value, key: str, *, high: float, high_open: bool, why: str = "") -> tuple[float, float]:
     """``[min, max]`` with 0 < min <= max <= high (< high when ``high_open``) as floats, else a ValueError."""
     ok = (isinstance(value, (list, tuple)) and len(value) == 2
           and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
@@ -131,8 +131,8 @@ def _pair(value, key: str, *, high: float, high_open: bool) -> tuple[float, floa
         lo, hi = float(value[0]), float(value[1])
         ok = 0.0 < lo <= hi and (hi < high if high_open else hi <= high)
     if not ok:
-        raise ValueError(f"{key}: expected [min, max] with 0 < min <= max {'<' if high_open else '<='} {high:g}, "
-                         f"got {value!r}")
+        raise ValueError(f"{key}: expected [min, max] with 0 < min <= max {'<' if high_open else '<='} {high:g}"
+                         f"{why}, got {value!r}")
     return lo, hi
 
 
@@ -168,8 +168,8 @@ def check_masking(masking: dict, patch_sizes: Sequence[int], input_size: int,
                 raise ValueError(f"jepa.patch_sizes: {p} px is not divisible by the label_downsample {ds} of "
                                  f"class map {name!r}")
     context_scale = _pair(masking["context_scale"], "jepa.masking.context_scale", high=1.0, high_open=False)
-    # A target block covering the whole grid would leave no context.
-    target_scale = _pair(masking["target_scale"], "jepa.masking.target_scale", high=1.0, high_open=True)
+    target_scale = _pair(masking["target_scale"], "jepa.masking.target_scale", high=1.0, high_open=True,
+                         why=" (a target block as large as the grid would leave no context)")
     target_aspect = _pair(masking["target_aspect"], "jepa.masking.target_aspect", high=math.inf, high_open=True)
     num_targets, min_context, ratio = masking["num_targets"], masking["min_context"], masking["modality_ratio"]
     if not isinstance(num_targets, int) or isinstance(num_targets, bool) or num_targets < 1:
@@ -215,7 +215,8 @@ class JEPAMasking:
         rng = np.random.default_rng(np.random.SeedSequence([int(s) for s in np.asarray(seeds, dtype=np.uint64)]))
         p = self.patch_sizes[int(rng.integers(len(self.patch_sizes)))]
         if image_size[0] % p or image_size[1] % p:
-            raise ValueError(f"jepa.patch_sizes: {p} px does not divide the image size {image_size[0]} x {image_size[1]}")
+            raise ValueError(f"jepa.patch_sizes: {p} px does not divide the image size "
+                             f"{image_size[0]} x {image_size[1]}")
         grid = (image_size[0] // p, image_size[1] // p)
         target = block_size(rng, grid, self.target_scale, self.target_aspect, leave_margin=True)
         context = block_size(rng, grid, self.context_scale, (1.0, 1.0), leave_margin=False)
