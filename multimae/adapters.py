@@ -18,12 +18,20 @@ sin-cos table of that base grid resized to the token grid (MultiMAE's convention
 weights trained with it): bicubic by default in :class:`PatchAdapter`, bilinear in
 :class:`CategoricalAdapter`, the modes of MultiMAE's ``PatchedInputAdapter`` and
 ``SemSegInputAdapter``.
+
+Any patch size (``forward(x, patch_size=P)``): the same weights embed patches of another side P with the
+projection kernel resized by FlexiViT's pseudo-inverse resize (Beyer et al., "FlexiViT: One Model for All
+Patch Sizes", CVPR 2023; timm's ``PatchEmbedInterpolator``, bilinear with antialiasing): the kernel w' for
+P solves min ||B^T w' - w|| for the resize B of a patch from the trained side to P, so a P-px patch that is a
+resized trained-size patch gets exactly the trained token. The positions follow the patch centres in
+base-patch units, i.e. in ground distance. Class maps take any multiple of their ``label_downsample``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import PatchEmbedInterpolator
 from torch import nn
 
 from multimae.domains import IGNORE_INDEX
@@ -74,10 +82,12 @@ def patch_validity(valid: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 class _GridAdapter(nn.Module):
-    """Shared part of the adapters: size checks and the position embedding of the token grid."""
+    """Shared part of the adapters: size checks, the position embedding of the token grid and the patch
+    projection at the adapter's own patch size or, resized, at another one (module docstring)."""
 
     def __init__(self, name: str, dim: int, patch_size: int, input_size: int, base_patch_size: int | None,
-                 pos_embed_grid: int | tuple[int, int] | None = None, pos_embed_mode: PosEmbedMode = "bicubic") -> None:
+                 pos_embed_grid: int | tuple[int, int] | None = None, pos_embed_mode: PosEmbedMode = "bicubic",
+                 pixels_per_cell: int = 1) -> None:
         super().__init__()
         if input_size % patch_size != 0:
             raise ValueError(
@@ -87,31 +97,78 @@ class _GridAdapter(nn.Module):
         self.name = name
         self.dim = dim
         self.patch_size = patch_size
-        self.pos_scale = patch_size / (base_patch_size or patch_size)
+        self.base_patch_size = base_patch_size or patch_size
+        self.pixels_per_cell = pixels_per_cell  # pixels per cell of the map the projection runs on
         self.pos_embed_grid, self.pos_embed_mode = pos_embed_grid, pos_embed_mode
         self.grid = (input_size // patch_size, input_size // patch_size)
         self.register_buffer("pos_embed", self.position_embedding(self.grid).unsqueeze(0), persistent=False)
+        kernel = patch_size // pixels_per_cell
+        # No parameters and no state-dict entries: it only caches the resize matrices per patch size.
+        self.resizer = PatchEmbedInterpolator((kernel, kernel), interpolation="bilinear", antialias=True)
 
-    def position_embedding(self, grid: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
-        """(h * w, D) embedding of a (h, w) token grid: sin-cos of this adapter's patch centres, or, with
-        ``pos_embed_grid``, the sin-cos table of that grid resized to (h, w) with ``pos_embed_mode``."""
+    def resolve_patch_size(self, patch_size: int | None) -> int:
+        """The patch side to embed with: ``patch_size``, or the adapter's own for None.
+
+        Raises:
+            ValueError: not a positive number of pixels, not a multiple of the class map's ``label_downsample``,
+                or another patch size than the adapter's with ``pos_embed_grid`` (a resized base-grid table
+                has no ground positions for it).
+        """
+        if patch_size is None or patch_size == self.patch_size:
+            return self.patch_size
+        if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+            raise ValueError(f"domain {self.name!r}: patch size must be a positive number of pixels, "
+                             f"got {patch_size!r}")
+        if patch_size % self.pixels_per_cell:
+            raise ValueError(f"domain {self.name!r}: patch size {patch_size} px is not divisible by its "
+                             f"label_downsample {self.pixels_per_cell}")
+        if self.pos_embed_grid is not None:
+            raise ValueError(f"domain {self.name!r}: another patch size ({patch_size} px instead of "
+                             f"{self.patch_size}) needs model.pos_embed_grid null (ground positions)")
+        return patch_size
+
+    def position_embedding(self, grid: tuple[int, int], device: torch.device | str | None = None,
+                           patch_size: int | None = None) -> torch.Tensor:
+        """(h * w, D) embedding of a (h, w) token grid of ``patch_size`` px patches (default: the adapter's):
+        sin-cos of the patch centres in base-patch units, or, with ``pos_embed_grid``, the sin-cos table of that
+        grid resized to (h, w) with ``pos_embed_mode``."""
         if self.pos_embed_grid is not None:
             return grid_pos_embed(grid, self.dim, base_grid=self.pos_embed_grid, mode=self.pos_embed_mode,
                                   device=device)
-        return sincos_pos_embed_coords(grid_coords(grid, self.pos_scale, device=device), self.dim)
+        scale = (patch_size or self.patch_size) / self.base_patch_size
+        return sincos_pos_embed_coords(grid_coords(grid, scale, device=device), self.dim)
 
-    def _check_size(self, h: int, w: int) -> tuple[int, int]:
-        if h % self.patch_size or w % self.patch_size:
+    def _check_size(self, h: int, w: int, patch_size: int) -> tuple[int, int]:
+        if h % patch_size or w % patch_size:
             raise ValueError(
-                f"domain {self.name!r}: image size {h} x {w} px is not divisible by the patch size {self.patch_size}"
+                f"domain {self.name!r}: image size {h} x {w} px is not divisible by the patch size {patch_size}"
             )
-        return h // self.patch_size, w // self.patch_size
+        return h // patch_size, w // patch_size
 
-    def _add_pos(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def add_position(self, tokens: torch.Tensor, grid: tuple[int, int], patch_size: int | None = None) -> torch.Tensor:
+        """``tokens`` (B, h * w, D) plus the position embedding of their (h, w) grid of ``patch_size`` px patches."""
         pos = self.pos_embed
-        if grid != self.grid:  # another image size: embed its own grid (cheap, no interpolation)
-            pos = self.position_embedding(grid, tokens.device).unsqueeze(0)
+        if grid != self.grid or (patch_size or self.patch_size) != self.patch_size:
+            pos = self.position_embedding(grid, tokens.device, patch_size).unsqueeze(0)  # cheap, no interpolation
         return tokens + pos.to(tokens.dtype)
+
+    def _project(self, x: torch.Tensor, patch_size: int) -> torch.Tensor:
+        """The strided patch projection of a (B, C, H', W') map at ``patch_size`` px: ``proj`` itself at the
+        adapter's patch size, its pseudo-inverse-resized kernel (timm ``PatchEmbedInterpolator``) otherwise."""
+        k = patch_size // self.pixels_per_cell
+        if k == self.proj.kernel_size[0]:
+            return self.proj(x)
+        return self.resizer(x, self.proj.weight, self.proj.bias, patch_size=(k, k), is_linear=False)
+
+    def embed(self, x: torch.Tensor, patch_size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch tokens without position embedding: (B, N, D) and their (h, w) grid."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
+        """Tokens (B, N, D) with position embedding, N = (H / P) * (W / P) row-major, at patch size P =
+        ``patch_size`` (default: the adapter's). See :meth:`embed` of the subclass for the input and errors."""
+        tokens, grid = self.embed(x, patch_size)
+        return self.add_position(tokens, grid, patch_size)
 
 
 class PatchAdapter(_GridAdapter):
@@ -139,17 +196,19 @@ class PatchAdapter(_GridAdapter):
         nn.init.xavier_uniform_(self.proj.weight.view(dim, -1))
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed an image.
+    def embed(self, x: torch.Tensor, patch_size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Embed an image without position embedding.
 
         Args:
             x: float (B, C, H, W), z-scored, invalid pixels already filled.
+            patch_size: Patch side P in pixels; None for the adapter's own (another one resizes the kernel).
 
         Returns:
-            Tokens (B, N, D) with position embedding, N = (H / P) * (W / P), row-major.
+            Tokens (B, N, D), N = (H / P) * (W / P), row-major, and the (H / P, W / P) grid.
 
         Raises:
-            ValueError: On a wrong rank, dtype, channel count or an image size not divisible by P.
+            ValueError: On a wrong rank, dtype, channel count, an invalid patch size or an image size not
+                divisible by P.
         """
         if x.ndim != 4 or not x.is_floating_point():
             raise ValueError(
@@ -157,9 +216,10 @@ class PatchAdapter(_GridAdapter):
             )
         if x.shape[1] != self.in_channels:
             raise ValueError(f"domain {self.name!r}: expected {self.in_channels} channels, got {x.shape[1]}")
-        grid = self._check_size(x.shape[2], x.shape[3])
-        tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
-        return self._add_pos(tokens, grid)
+        p = self.resolve_patch_size(patch_size)
+        grid = self._check_size(x.shape[2], x.shape[3], p)
+        tokens = self._project(x, p).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+        return tokens, grid
 
 
 class CategoricalAdapter(_GridAdapter):
@@ -194,12 +254,13 @@ class CategoricalAdapter(_GridAdapter):
         pos_embed_grid: int | tuple[int, int] | None = None,
         pos_embed_mode: PosEmbedMode = "bilinear",
     ) -> None:
-        super().__init__(name, dim, patch_size, input_size, base_patch_size, pos_embed_grid, pos_embed_mode)
         if patch_size % label_downsample != 0:
             raise ValueError(
                 f"domain {name!r}: model.patch_size {patch_size} is not divisible by its label_downsample "
                 f"{label_downsample}"
             )
+        super().__init__(name, dim, patch_size, input_size, base_patch_size, pos_embed_grid, pos_embed_mode,
+                         pixels_per_cell=label_downsample)
         self.num_classes = num_classes
         self.label_downsample = label_downsample
         self.class_embed = nn.Embedding(num_classes + 1, class_embed_dim, padding_idx=num_classes)
@@ -215,25 +276,28 @@ class CategoricalAdapter(_GridAdapter):
         """Majority-pool a (B, H, W) class map by ``label_downsample`` (see :func:`majority_pool`)."""
         return majority_pool(labels, self.label_downsample, self.num_classes)
 
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        """Embed a class map.
+    def embed(self, labels: torch.Tensor, patch_size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Embed a class map without position embedding.
 
         Args:
             labels: Integer class map (B, H, W), ids 0..K-1 or ``IGNORE_INDEX`` (-1).
+            patch_size: Patch side P in pixels (a multiple of ``label_downsample``); None for the adapter's own
+                (another one resizes the kernel).
 
         Returns:
-            Tokens (B, N, D) with position embedding, N = (H / P) * (W / P), row-major.
+            Tokens (B, N, D), N = (H / P) * (W / P), row-major, and the (H / P, W / P) grid.
 
         Raises:
-            ValueError: On a floating-point or boolean map, a wrong rank, a size not divisible by P
-                or class ids outside -1..K-1.
+            ValueError: On a floating-point or boolean map, a wrong rank, an invalid patch size, a size not
+                divisible by P or class ids outside -1..K-1.
         """
         if labels.ndim != 3 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(
                 f"domain {self.name!r}: expected an int64 class map (B, H, W), got {labels.dtype} "
                 f"{tuple(labels.shape)}"
             )
-        grid = self._check_size(labels.shape[1], labels.shape[2])
+        p = self.resolve_patch_size(patch_size)
+        grid = self._check_size(labels.shape[1], labels.shape[2], p)
         labels = labels.long()
         # A data-dependent check cannot be part of a traced or exported graph (ONNX); it runs in eager mode.
         tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
@@ -244,5 +308,5 @@ class CategoricalAdapter(_GridAdapter):
         pooled = self.pool(labels)  # (B, H/ds, W/ds)
         ids = torch.where(pooled == IGNORE_INDEX, self.num_classes, pooled)
         emb = self.class_embed(ids).permute(0, 3, 1, 2)  # (B, E, H/ds, W/ds)
-        tokens = self.proj(emb).flatten(2).transpose(1, 2)  # (B, N, D)
-        return self._add_pos(tokens, grid)
+        tokens = self._project(emb, p).flatten(2).transpose(1, 2)  # (B, N, D)
+        return tokens, grid

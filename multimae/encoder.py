@@ -7,7 +7,8 @@ Sosa et al., "MultiMAE Meets Earth Observation", ICIP 2025; the same encoder ser
 1. :meth:`MultiModalEncoder.tokenize`: every input domain's pixels become N_d tokens (:mod:`multimae.adapters`)
    with a fixed sin-cos position embedding (and, optionally, a learned per-domain embedding), concatenated
    in ``in_domains`` order into N = sum N_d tokens; the :class:`~multimae.layout.TokenLayout` says which
-   token is where. Each domain may have its own patch size.
+   token is where. Each domain may have its own patch size; ``patch_size=P`` runs every domain at P px with
+   the same weights (kernels resized as in FlexiViT, positions in ground distance; :mod:`multimae.adapters`).
 2. An objective chooses which tokens the encoder sees (masking is the objective's business).
 3. :meth:`MultiModalEncoder.encode_visible`: the chosen K tokens plus G learned global tokens (appended
    **last**) pass through ``depth`` timm ViT blocks (fused ``scaled_dot_product_attention``, stochastic
@@ -134,11 +135,15 @@ class Tokens:
         valid: bool (B, N), True where a token's patch holds at least one valid pixel; None when the batch
             carried no validity masks (every token valid).
         layout: Where each domain's tokens are (:class:`~multimae.layout.TokenLayout`).
+        patch_embeds: (B, N, D) the adapters' patch embeddings alone, before the position and domain
+            embeddings are added (per-modality tokens for contrastive terms); ``tokens - patch_embeds`` is what
+            was added.
     """
 
     tokens: torch.Tensor
     valid: torch.Tensor | None
     layout: TokenLayout
+    patch_embeds: torch.Tensor | None = None
 
 
 class MultiModalEncoder(nn.Module):
@@ -339,8 +344,9 @@ class MultiModalEncoder(nn.Module):
         return names
 
     # ------------------------------------------------------------------ layout and tokens
-    def layout(self, image_size: tuple[int, int] | int | None = None) -> TokenLayout:
-        """The token layout of an input of ``image_size`` (H, W) pixels (default: ``input_size``).
+    def layout(self, image_size: tuple[int, int] | int | None = None, patch_size: int | None = None) -> TokenLayout:
+        """The token layout of an input of ``image_size`` (H, W) pixels (default: ``input_size``), with every
+        domain at ``patch_size`` px when given (default: each domain's own patch size).
 
         Raises:
             ValueError: a side not divisible by a domain's patch size.
@@ -350,7 +356,7 @@ class MultiModalEncoder(nn.Module):
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         entries = []
         for name in self.in_domains:
-            p = self.patch_sizes[name]
+            p = self.patch_sizes[name] if patch_size is None else patch_size
             if h % p or w % p:
                 raise ValueError(f"domain {name!r}: image size {h} x {w} px is not divisible by its patch size {p}")
             entries.append((name, (h // p) * (w // p), (h // p, w // p), p, self.gsd))
@@ -386,7 +392,7 @@ class MultiModalEncoder(nn.Module):
             raise ValueError(f"input domains differ in batch size or image size (H, W, B): {shapes}")
 
     def tokenize(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None,
-                 metadata: dict[str, torch.Tensor] | None = None) -> Tokens:
+                 metadata: dict[str, torch.Tensor] | None = None, patch_size: int | None = None) -> Tokens:
         """Embed every input domain (and the metadata, when the encoder has metadata tokens).
 
         Args:
@@ -395,15 +401,20 @@ class MultiModalEncoder(nn.Module):
             valid: Optional {domain: bool (B, H, W)}, True where the pixel is valid.
             metadata: Optional {field: float (B, 2) (sin, cos)}, NaN where absent (batch key ``metadata``); an
                 absent field or pair gets the field's learned missing embedding. Ignored without metadata tokens.
+            patch_size: One patch side P in pixels for every domain instead of each domain's own: the same
+                weights at another scale (the adapters resize their projection kernels, :mod:`multimae.adapters`;
+                positions stay patch centres in base-patch units, i.e. ground distance).
 
         Returns:
-            :class:`Tokens`: (B, N, D) tokens, (B, N) token validity (or None) and the layout.
+            :class:`Tokens`: (B, N, D) tokens, (B, N) token validity (or None), the layout and the (B, N, D)
+            patch embeddings without position and domain embeddings.
 
         Raises:
-            ValueError: a missing domain, a wrong channel count, dtype or image size.
+            ValueError: a missing domain, a wrong channel count, dtype or image size, or a patch size that does
+                not divide the image or a class map's ``label_downsample`` cell.
         """
         self._check_inputs(inputs, valid)
-        tokens, token_valid = [], []
+        tokens, token_valid, embeds = [], [], []
         for name in self.in_domains:
             x, v = inputs[name], None if valid is None else valid.get(name)
             if DOMAINS[name].kind == "categorical":
@@ -412,15 +423,20 @@ class MultiModalEncoder(nn.Module):
                 v = x != IGNORE_INDEX  # no-data pixels, whether marked in the map or by valid
             elif v is not None:
                 x = torch.where(v.unsqueeze(1), x, 0.0)
-            t = self.input_adapters[name](x)  # (B, N_d, D); checks channels, dtype, size
+            adapter = self.input_adapters[name]
+            e, grid = adapter.embed(x, patch_size)  # (B, N_d, D); checks channels, dtype, size, patch size
+            t = adapter.add_position(e, grid, patch_size)
             if self.domain_embeds is not None:
                 t = t + self.domain_embeds[name]
             tokens.append(t)
-            token_valid.append(None if v is None else patch_validity(v, self.patch_sizes[name]))
+            embeds.append(e)
+            token_valid.append(None if v is None else patch_validity(v, patch_size or self.patch_sizes[name]))
         h, w = inputs[self.in_domains[0]].shape[-2:]
-        layout = self.layout((h, w))
+        layout = self.layout((h, w), patch_size)
         if self.metadata_adapter is not None:
-            tokens.append(self.metadata_adapter(metadata, tokens[0].shape[0]).to(tokens[0].dtype))
+            meta = self.metadata_adapter(metadata, tokens[0].shape[0]).to(tokens[0].dtype)
+            tokens.append(meta)
+            embeds.append(meta)  # no position to remove: the metadata tokens as they are
             token_valid.append(None)
         if any(tv is not None for tv in token_valid):
             b = tokens[0].shape[0]
@@ -429,7 +445,7 @@ class MultiModalEncoder(nn.Module):
             all_valid = torch.cat(token_valid, dim=1)
         else:
             all_valid = None
-        return Tokens(torch.cat(tokens, dim=1), all_valid, layout)
+        return Tokens(torch.cat(tokens, dim=1), all_valid, layout, torch.cat(embeds, dim=1))
 
     # ------------------------------------------------------------------ transformer
     def forward_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -454,19 +470,20 @@ class MultiModalEncoder(nn.Module):
         return self.forward_blocks(visible)
 
     def encode(self, inputs: dict[str, torch.Tensor], *, valid: dict[str, torch.Tensor] | None = None,
-               metadata: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+               metadata: dict[str, torch.Tensor] | None = None, patch_size: int | None = None) -> torch.Tensor:
         """Encode every token of every input domain (no masking): fine-tuning, probes, pictures.
 
         Args:
             inputs: {domain: float (B, C, H, W) or int64 class map (B, H, W)} for every in_domain.
             valid: Optional {domain: bool (B, H, W)}; invalid pixels are filled before embedding.
             metadata: Optional {field: float (B, 2)} (see :meth:`tokenize`).
+            patch_size: One patch side for every domain (see :meth:`tokenize`); default each domain's own.
 
         Returns:
             (B, N + G, D): the tokens of each input domain in layout order (each row-major over its grid), the
             metadata tokens, then the G global tokens **last**.
         """
-        return self.forward_blocks(self.tokenize(inputs, valid, metadata).tokens)
+        return self.forward_blocks(self.tokenize(inputs, valid, metadata, patch_size).tokens)
 
     def forward(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None,
                 metadata: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -105,16 +105,22 @@ def _spawn_env():
     return env
 
 
-@pytest.mark.slow
-def test_two_process_gloo_ranks_hold_identical_parameters(mmearth_fileset, tmp_path):
-    out = tmp_path / "ddp"
-    args = [f"data_path={mmearth_fileset}", f"output_dir={out}", *TINY, "batch_size=2", "max_steps=3"]
+def two_gloo_ranks(args: list[str], out: Path) -> tuple[dict, dict]:
+    """Pretrain with ``args`` (config items) for 3 steps of batch 2 in 2 torchrun processes (gloo) into ``out``;
+    check the log, and return the two ranks' final objective state dicts (tests/run_pretraining_ddp_worker.py)."""
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(REPO / "tests" / "run_pretraining_ddp_worker.py"), *args],
+                    str(REPO / "tests" / "run_pretraining_ddp_worker.py"), *args, f"output_dir={out}",
+                    "batch_size=2", "max_steps=3"],
                    check=True, env=_spawn_env(), cwd=REPO, timeout=300)
     records = read_log(out / "log.jsonl")
     assert records[0]["world_size"] == 2 and max(r["step"] for r in records) == 3
-    p0, p1 = torch.load(out / "params_rank0.pth"), torch.load(out / "params_rank1.pth")
+    return torch.load(out / "params_rank0.pth"), torch.load(out / "params_rank1.pth")
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ranks_hold_identical_parameters(mmearth_fileset, tmp_path):
+    out = tmp_path / "ddp"
+    p0, p1 = two_gloo_ranks([f"data_path={mmearth_fileset}", *TINY], out)
     assert p0.keys() == p1.keys()
     for k in p0:
         torch.testing.assert_close(p0[k], p1[k], rtol=0, atol=0, msg=k)
@@ -122,27 +128,37 @@ def test_two_process_gloo_ranks_hold_identical_parameters(mmearth_fileset, tmp_p
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
 
-@pytest.mark.slow
-def test_kill_9_with_workers_then_resume_matches_uninterrupted(mmearth_fileset, tmp_path):
+def kill_9_then_resume(command, full: Path, killed: Path, kill_after_step: int = 3):
+    """Run ``command(full)`` to its end; start ``command(killed)``, kill -9 its process group (DataLoader workers
+    included) once step ``kill_after_step`` is logged, then run it again (it resumes from its last checkpoint).
+
+    Returns:
+        The per-step losses of both runs and the step of the checkpoint the killed run resumed from.
+    """
     import signal
     import time
 
-    def command(out):
-        return [sys.executable, str(REPO / "run_pretraining.py"), f"data_path={mmearth_fileset}", f"output_dir={out}",
-                *TINY, "num_workers=2", "epochs=4", "save_every_steps=2"]
-
-    full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(command(full), check=True, env=_spawn_env(), cwd=REPO, timeout=300, capture_output=True)
     proc = subprocess.Popen(command(killed), env=_spawn_env(), cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and max(losses(killed), default=0) < 3 and proc.poll() is None:
+    while time.time() < deadline and max(losses(killed), default=0) < kill_after_step and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run, its DataLoader workers included
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert load_checkpoint(killed / "checkpoint-last.pth")["step"] < 8  # killed before the end
+    resumed_from = load_checkpoint(killed / "checkpoint-last.pth")["step"]
     subprocess.run(command(killed), check=True, env=_spawn_env(), cwd=REPO, timeout=300, capture_output=True)
-    a, b = losses(full), losses(killed)
+    return losses(full), losses(killed), resumed_from
+
+
+@pytest.mark.slow
+def test_kill_9_with_workers_then_resume_matches_uninterrupted(mmearth_fileset, tmp_path):
+    def command(out):
+        return [sys.executable, str(REPO / "run_pretraining.py"), f"data_path={mmearth_fileset}", f"output_dir={out}",
+                *TINY, "num_workers=2", "epochs=4", "save_every_steps=2"]
+
+    a, b, resumed_from = kill_9_then_resume(command, tmp_path / "full", tmp_path / "killed")
+    assert resumed_from < 8  # killed before the end
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step

@@ -9,6 +9,7 @@ from __future__ import annotations
 from multimae.encoder import MultiModalEncoder
 from multimae.objectives.base import Objective
 from multimae.objectives.moe_mae import MoEMAEObjective
+from multimae.objectives.jepa import JEPAObjective
 from multimae.objectives.multimae import MultiMAEObjective
 
 __all__ = ["OBJECTIVES", "Objective", "get_objective", "build_objective"]
@@ -17,6 +18,7 @@ __all__ = ["OBJECTIVES", "Objective", "get_objective", "build_objective"]
 OBJECTIVES: dict[str, type[Objective]] = {
     "multimae": MultiMAEObjective,
     "moe_mae": MoEMAEObjective,
+    "jepa": JEPAObjective,
 }
 
 
