@@ -9,6 +9,9 @@ One adapter per input domain (Bachmann et al., MultiMAE, ECCV 2022, section 3.1)
   (no-data gets its own zero, untrained embedding), and a strided ``Conv2d`` with kernel
   ``patch_size // label_downsample`` makes the tokens, so both kinds of domain give the same grid.
 
+``project`` is an adapter's embedding without the position embedding (the frozen projection-only targets of
+latent objectives use it); ``forward`` adds the position embedding to it.
+
 Position embeddings are non-persistent buffers built for the grid of ``input_size`` (see
 :mod:`multimae.pos_embed`); an input of another size (divisible by the patch size) gets an
 embedding computed for its own grid. Positions are patch centres in units of the encoder's base
@@ -139,6 +142,21 @@ class PatchAdapter(_GridAdapter):
         nn.init.xavier_uniform_(self.proj.weight.view(dim, -1))
         nn.init.zeros_(self.proj.bias)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch projection alone (no position embedding): (B, C, H, W) -> tokens (B, N, D), row-major.
+
+        Raises:
+            ValueError: On a wrong rank, dtype, channel count or an image size not divisible by P.
+        """
+        if x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(
+                f"domain {self.name!r}: expected a float tensor (B, C, H, W), got {x.dtype} {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"domain {self.name!r}: expected {self.in_channels} channels, got {x.shape[1]}")
+        self._check_size(x.shape[2], x.shape[3])
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed an image.
 
@@ -151,15 +169,8 @@ class PatchAdapter(_GridAdapter):
         Raises:
             ValueError: On a wrong rank, dtype, channel count or an image size not divisible by P.
         """
-        if x.ndim != 4 or not x.is_floating_point():
-            raise ValueError(
-                f"domain {self.name!r}: expected a float tensor (B, C, H, W), got {x.dtype} {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"domain {self.name!r}: expected {self.in_channels} channels, got {x.shape[1]}")
-        grid = self._check_size(x.shape[2], x.shape[3])
-        tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
-        return self._add_pos(tokens, grid)
+        tokens = self.project(x)
+        return self._add_pos(tokens, self._check_size(x.shape[2], x.shape[3]))
 
 
 class CategoricalAdapter(_GridAdapter):
@@ -228,12 +239,21 @@ class CategoricalAdapter(_GridAdapter):
             ValueError: On a floating-point or boolean map, a wrong rank, a size not divisible by P
                 or class ids outside -1..K-1.
         """
+        tokens = self.project(labels)
+        return self._add_pos(tokens, self._check_size(labels.shape[1], labels.shape[2]))
+
+    def project(self, labels: torch.Tensor) -> torch.Tensor:
+        """Pooling, class embedding and patch projection alone (no position embedding): (B, H, W) -> (B, N, D).
+
+        Raises:
+            ValueError: As :meth:`forward`.
+        """
         if labels.ndim != 3 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(
                 f"domain {self.name!r}: expected an int64 class map (B, H, W), got {labels.dtype} "
                 f"{tuple(labels.shape)}"
             )
-        grid = self._check_size(labels.shape[1], labels.shape[2])
+        self._check_size(labels.shape[1], labels.shape[2])
         labels = labels.long()
         # A data-dependent check cannot be part of a traced or exported graph (ONNX); it runs in eager mode.
         tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
@@ -244,5 +264,4 @@ class CategoricalAdapter(_GridAdapter):
         pooled = self.pool(labels)  # (B, H/ds, W/ds)
         ids = torch.where(pooled == IGNORE_INDEX, self.num_classes, pooled)
         emb = self.class_embed(ids).permute(0, 3, 1, 2)  # (B, E, H/ds, W/ds)
-        tokens = self.proj(emb).flatten(2).transpose(1, 2)  # (B, N, D)
-        return self._add_pos(tokens, grid)
+        return self.proj(emb).flatten(2).transpose(1, 2)  # (B, N, D)

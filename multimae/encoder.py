@@ -330,13 +330,16 @@ class MultiModalEncoder(nn.Module):
         if any(shape != first for shape in shapes.values()):
             raise ValueError(f"input domains differ in batch size or image size (H, W, B): {shapes}")
 
-    def tokenize(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> Tokens:
+    def tokenize(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None, *,
+                 position: bool = True) -> Tokens:
         """Embed every input domain.
 
         Args:
             inputs: {domain: float (B, C, H, W) z-scored, or int64 class map (B, H, W)} for every in_domain;
                 other keys are ignored.
             valid: Optional {domain: bool (B, H, W)}, True where the pixel is valid.
+            position: Add the position (and domain) embeddings; False gives the adapters' projections alone
+                (:meth:`~multimae.adapters.PatchAdapter.project`).
 
         Returns:
             :class:`Tokens`: (B, N, D) tokens, (B, N) token validity (or None) and the layout.
@@ -354,8 +357,9 @@ class MultiModalEncoder(nn.Module):
                 v = x != IGNORE_INDEX  # no-data pixels, whether marked in the map or by valid
             elif v is not None:
                 x = torch.where(v.unsqueeze(1), x, 0.0)
-            t = self.input_adapters[name](x)  # (B, N_d, D); checks channels, dtype, size
-            if self.domain_embeds is not None:
+            adapter = self.input_adapters[name]
+            t = adapter(x) if position else adapter.project(x)  # (B, N_d, D); checks channels, dtype, size
+            if self.domain_embeds is not None and position:
                 t = t + self.domain_embeds[name]
             tokens.append(t)
             token_valid.append(None if v is None else patch_validity(v, self.patch_sizes[name]))
@@ -371,26 +375,38 @@ class MultiModalEncoder(nn.Module):
         return Tokens(torch.cat(tokens, dim=1), all_valid, layout)
 
     # ------------------------------------------------------------------ transformer
-    def forward_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append the global tokens and run the blocks: (B, K, D) -> (B, K + G, D)."""
-        x = torch.cat([tokens, self.global_tokens.expand(tokens.shape[0], -1, -1).to(tokens.dtype)], dim=1)
+    def forward_blocks(self, tokens: torch.Tensor, keep_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Append the global tokens and run the blocks: (B, K, D) -> (B, K + G, D).
+
+        ``keep_valid`` (bool (B, K), optional): False marks padding, which no token attends to (the global
+        tokens always take part); the outputs at padding are meaningless.
+        """
+        b = tokens.shape[0]
+        x = torch.cat([tokens, self.global_tokens.expand(b, -1, -1).to(tokens.dtype)], dim=1)
+        mask = None
+        if keep_valid is not None:  # (B, 1, 1, K + G): True = a key every query may attend to
+            keep = torch.ones(b, self.num_global_tokens, dtype=torch.bool, device=tokens.device)
+            mask = torch.cat([keep_valid.bool(), keep], dim=1)[:, None, None, :]
         for block in self.blocks:
-            x = block(x)
+            x = block(x) if mask is None else block(x, attn_mask=mask)
         return x
 
-    def encode_visible(self, tokens: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    def encode_visible(self, tokens: torch.Tensor, ids_keep: torch.Tensor,
+                       keep_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Encode the chosen tokens of each sample.
 
         Args:
             tokens: (B, N, D) from :meth:`tokenize`.
             ids_keep: int64 (B, K), positions (0..N-1) of the tokens each sample shows the encoder, in the
                 order they are fed (see :func:`multimae.masking.mask_to_ids`).
+            keep_valid: Optional bool (B, K) for samples that show different numbers of tokens: False marks
+                padding entries of ``ids_keep``, hidden from attention (their outputs are meaningless).
 
         Returns:
             (B, K + G, D): the K encoded tokens in ``ids_keep`` order, then the G global tokens.
         """
         visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # (B, K, D)
-        return self.forward_blocks(visible)
+        return self.forward_blocks(visible, keep_valid)
 
     def encode(self, inputs: dict[str, torch.Tensor], *, valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Encode every token of every input domain (no masking): fine-tuning, probes, pictures.
