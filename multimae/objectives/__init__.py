@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from multimae.encoder import MultiModalEncoder
 from multimae.objectives.base import Objective
+from multimae.objectives.latent_mim import LatentMIMObjective
 from multimae.objectives.multimae import MultiMAEObjective
 
 __all__ = ["OBJECTIVES", "Objective", "get_objective", "build_objective"]
@@ -15,6 +16,7 @@ __all__ = ["OBJECTIVES", "Objective", "get_objective", "build_objective"]
 #: Objective name (config key ``objective`` and its config section) -> class.
 OBJECTIVES: dict[str, type[Objective]] = {
     "multimae": MultiMAEObjective,
+    "latent_mim": LatentMIMObjective,
 }
 
 
