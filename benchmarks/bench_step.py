@@ -8,7 +8,8 @@ transform, as the data loader would). Baselines (``--baseline``):
   same number of encoder tokens (K visible + G global: a 1 x K patch grid plus a class token and G - 1
   register tokens), trained with a trivial loss;
 - ``multimae``: the MultiMAE-EO objective (``cfgs/defaults.yaml`` section ``multimae``) around the same
-  encoder (same ``model.*``, ``in_domains``, input size), to compare the step cost of recipes.
+  encoder (same ``model.*``, ``in_domains``, input size), to compare the step cost of recipes; for another
+  objective its ``out_domains`` are the domains that objective's batch carries (inputs and targets).
 
 Each model has its own AdamW. Steps of the two alternate (ABBA order), so both see the same machine state; the
 median over ``--steps`` timed steps is reported::
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch.utils.data import default_collate  # noqa: E402
 
-from multimae.build import build_pretraining, random_inputs, resolve_preset  # noqa: E402
+from multimae.build import build_pretraining, data_domains, random_inputs, resolve_preset  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -125,6 +126,8 @@ def main() -> None:
         tokens = f"encoder_tokens: {k + g}"
     else:
         base_cfg = {**cfg, "objective": "multimae"}
+        if cfg["objective"] != "multimae":  # reconstruct what the objective predicts: its inputs and targets
+            base_cfg["multimae"] = {**cfg["multimae"], "out_domains": data_domains(cfg)}
         base_model = build_pretraining(base_cfg).to(device)
         base_opt = adamw(base_model.parameters())
         base_batch = random_batch(base_cfg, base_model, args.batch_size, device)
