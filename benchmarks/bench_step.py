@@ -8,7 +8,8 @@ transform, as the data loader would). Baselines (``--baseline``):
   same number of encoder tokens (K visible + G global: a 1 x K patch grid plus a class token and G - 1
   register tokens), trained with a trivial loss;
 - ``multimae``: the MultiMAE-EO objective (``cfgs/defaults.yaml`` section ``multimae``) around the same
-  encoder (same ``model.*``, ``in_domains``, input size), to compare the step cost of recipes;
+  encoder (same ``model.*``, ``in_domains``, input size), to compare the step cost of recipes; for another
+  objective its ``out_domains`` are the domains that objective's batch carries (inputs and targets);
 - ``dense``: the same objective and config with dense blocks of the same width, depth and heads: timm's MLP
   (``model.mlp_ratio``) and multi-head attention instead of mixture-of-experts feed-forwards and grouped-query
   attention, in the encoder and in the objective's decoder (``<objective>.decoder.ffn`` / ``kv_groups``).
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch.utils.data import default_collate  # noqa: E402
 
-from multimae.build import build_pretraining, random_inputs, random_metadata, resolve_preset  # noqa: E402
+from multimae.build import build_pretraining, data_domains, random_inputs, random_metadata, resolve_preset  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.throughput import count_flops, peak_tflops  # noqa: E402
 
@@ -134,7 +135,12 @@ def main() -> None:
             feats.float().square().mean().backward()
         tokens = f"encoder_tokens: {k + g}"
     else:
-        base_cfg = dense_config(cfg) if baseline == "dense" else {**cfg, "objective": "multimae"}
+        if baseline == "dense":
+            base_cfg = dense_config(cfg)
+        else:
+            base_cfg = {**cfg, "objective": "multimae"}
+            if cfg["objective"] != "multimae":  # reconstruct what the objective predicts: its inputs and targets
+                base_cfg["multimae"] = {**cfg["multimae"], "out_domains": data_domains(cfg)}
         base_model = build_pretraining(base_cfg).to(device)
         base_opt = adamw(base_model.parameters())
         base_batch = random_batch(base_cfg, base_model, args.batch_size, device)

@@ -64,13 +64,19 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Attend from ``x`` (B, Nq, D) to ``context`` (B, Nc, D); returns (B, Nq, D)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                context_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from ``x`` (B, Nq, D) to ``context`` (B, Nc, D); returns (B, Nq, D).
+
+        ``context_valid`` (bool (B, Nc), optional): False marks context padding, which no query attends to;
+        every sample needs at least one True entry.
+        """
         b, nq, d = x.shape
         h = self.num_heads
         q = self.q(x).view(b, nq, h, d // h).transpose(1, 2)  # (B, h, Nq, d/h)
         k, v = self.kv(context).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, Nc, d/h)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Nq, d/h)
+        mask = None if context_valid is None else context_valid.bool()[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, Nq, d/h)
         return self.proj(out.transpose(1, 2).reshape(b, nq, d))
 
 

@@ -397,6 +397,14 @@ DOMAINS: dict[str, Domain] = {
             ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B8A", "B08", "B09", "B11", "B12"),
             description="Sentinel-2, the 12 bands MMEarth trains on (no B10)",
         ),
+        # OlmoEarth's Sentinel-2 L2A band sets (Herzog et al., allenai/olmoearth_pretrain data/constants.py), one
+        # token per band set and patch; MMEarth stores every band on the 10 m grid.
+        Domain("s2_10m", "sentinel2", ("B02", "B03", "B04", "B08"),
+               description="Sentinel-2 10 m bands: blue, green, red, broad NIR (OlmoEarth band set)"),
+        Domain("s2_20m", "sentinel2", ("B05", "B06", "B07", "B8A", "B11", "B12"),
+               description="Sentinel-2 20 m bands: red edge, narrow NIR, SWIR (OlmoEarth band set)"),
+        Domain("s2_60m", "sentinel2", ("B01", "B09"),
+               description="Sentinel-2 60 m bands: coastal aerosol, water vapour (OlmoEarth band set)"),
         Domain(
             "s2_rgb_normpix", "sentinel2", ("B04", "B03", "B02"), source="s2_rgb",
             description="Sentinel-2 RGB with per-patch normalised targets (output only)",

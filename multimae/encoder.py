@@ -448,26 +448,38 @@ class MultiModalEncoder(nn.Module):
         return Tokens(torch.cat(tokens, dim=1), all_valid, layout, torch.cat(embeds, dim=1))
 
     # ------------------------------------------------------------------ transformer
-    def forward_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append the global tokens and run the blocks: (B, K, D) -> (B, K + G, D)."""
-        x = torch.cat([tokens, self.global_tokens.expand(tokens.shape[0], -1, -1).to(tokens.dtype)], dim=1)
+    def forward_blocks(self, tokens: torch.Tensor, keep_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Append the global tokens and run the blocks: (B, K, D) -> (B, K + G, D).
+
+        ``keep_valid`` (bool (B, K), optional): False marks padding, which no token attends to (the global
+        tokens always take part); the outputs at padding are meaningless.
+        """
+        b = tokens.shape[0]
+        x = torch.cat([tokens, self.global_tokens.expand(b, -1, -1).to(tokens.dtype)], dim=1)
+        mask = None
+        if keep_valid is not None:  # (B, 1, 1, K + G): True = a key every query may attend to
+            keep = torch.ones(b, self.num_global_tokens, dtype=torch.bool, device=tokens.device)
+            mask = torch.cat([keep_valid.bool(), keep], dim=1)[:, None, None, :]
         for block in self.blocks:
-            x = block(x)
+            x = block(x) if mask is None else block(x, attn_mask=mask)
         return x
 
-    def encode_visible(self, tokens: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    def encode_visible(self, tokens: torch.Tensor, ids_keep: torch.Tensor,
+                       keep_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Encode the chosen tokens of each sample.
 
         Args:
             tokens: (B, N, D) from :meth:`tokenize`.
             ids_keep: int64 (B, K), positions (0..N-1) of the tokens each sample shows the encoder, in the
                 order they are fed (see :func:`multimae.masking.mask_to_ids`).
+            keep_valid: Optional bool (B, K) for samples that show different numbers of tokens: False marks
+                padding entries of ``ids_keep``, hidden from attention (their outputs are meaningless).
 
         Returns:
             (B, K + G, D): the K encoded tokens in ``ids_keep`` order, then the G global tokens.
         """
         visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # (B, K, D)
-        return self.forward_blocks(visible)
+        return self.forward_blocks(visible, keep_valid)
 
     def encode(self, inputs: dict[str, torch.Tensor], *, valid: dict[str, torch.Tensor] | None = None,
                metadata: dict[str, torch.Tensor] | None = None, patch_size: int | None = None) -> torch.Tensor:

@@ -9,6 +9,11 @@ by its label.
 Any kind may carry ``expert_usage`` (mixture-of-experts layers, :func:`save_expert_usage`): a heat map of the
 share of tokens each layer routed to each of its experts, written to ``<output_dir>/expert_usage/``.
 
+Kind ``latent`` (latent objectives such as Latent MIM, :func:`save_latent_maps`): for each sample, the RGB input
+beside a PCA-to-RGB map of the encoder's patch tokens of every input domain, then one row per band set with
+its token roles, the cosine similarity between prediction and target at decoder tokens, and whether each
+prediction picks out its own target among the sample's decoder targets.
+
 Rendering per domain kind (matplotlib, Agg backend, no display needed):
 
 - Sentinel-2 and other multi-band continuous domains: the first three bands as RGB (one band is
@@ -41,6 +46,7 @@ from multimae.criterion import norm_pix_target  # noqa: E402
 from multimae.domains import IGNORE_INDEX, get_domain  # noqa: E402
 
 __all__ = ["save_pictures", "save_reconstructions", "save_prediction_preview", "save_embedding_map", "save_expert_usage"]
+__all__ = ["save_pictures", "save_reconstructions", "save_latent_maps"]
 
 _GREY = np.array([0.55, 0.55, 0.55])
 _MIN_HALF_RANGE = 0.25  # z-score units
@@ -126,7 +132,8 @@ def save_pictures(output_dir: str | Path, tag: str, data: dict) -> list[Path]:
         data: ``{"kind": ..., ...}``; kind ``reconstruction``: the keyword arguments of
             :func:`save_reconstructions` (``inputs``, ``valid``, ``preds``, ``masks``, ``patch_sizes``, ``norm_pix``);
             kind ``embedding_map``: those of :func:`save_embedding_map` (into ``<output_dir>/embedding_maps/``);
-            any kind: optional ``expert_usage`` (the argument of :func:`save_expert_usage`).
+            kind ``latent``: those of :func:`save_latent_maps` (into ``<output_dir>/latent/``); any kind: optional
+            ``expert_usage`` (the argument of :func:`save_expert_usage`).
 
     Returns:
         Paths of the written PNG files.
@@ -136,12 +143,13 @@ def save_pictures(output_dir: str | Path, tag: str, data: dict) -> list[Path]:
     """
     kind = data.get("kind")
     usage = save_expert_usage(Path(output_dir) / "expert_usage", tag, data.get("expert_usage") or {})
+    args = {k: v for k, v in data.items() if k not in ("kind", "expert_usage")}
     if kind == "reconstruction":
-        args = {k: v for k, v in data.items() if k not in ("kind", "expert_usage")}
         return usage + save_reconstructions(Path(output_dir) / "reconstructions", tag, **args)
     if kind == "embedding_map":
-        args = {k: v for k, v in data.items() if k not in ("kind", "expert_usage")}
         return usage + [save_embedding_map(Path(output_dir) / "embedding_maps", tag, **args)]
+    if kind == "latent":
+        return usage + save_latent_maps(Path(output_dir) / "latent", tag, **args)
     raise ValueError(f"no picture writer for kind {kind!r}")
 
 
@@ -338,3 +346,119 @@ def save_expert_usage(folder: str | Path, tag: str, usage: dict[str, torch.Tenso
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return [path]
+# Token roles of a latent objective (encoder, target-only, decoder, missing) as colours.
+_ROLE_COLORS = ("#1f77b4", "#d9d9d9", "#ff7f0e", "#000000")
+_ROLE_LABELS = ("encoder", "target only", "decoder", "missing")
+
+
+def _pca_rgb(tokens: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """{domain: (B, N_d, D)} -> {domain: (B, N_d, 3)} in [0, 1]: the first three principal components of every
+    token of every domain and sample together (one basis, so colours compare), each stretched between its
+    1st and 99th percentile."""
+    names = list(tokens)
+    flat = torch.cat([tokens[d].reshape(-1, tokens[d].shape[-1]).float() for d in names])  # (M, D)
+    flat = flat - flat.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(flat, full_matrices=False)
+    comps = (flat @ vh[:3].T).numpy()  # (M, <= 3)
+    if comps.shape[1] < 3:
+        comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+    lo, hi = np.percentile(comps, 1, axis=0), np.percentile(comps, 99, axis=0)
+    comps = np.clip((comps - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
+    out, start = {}, 0
+    for d in names:
+        b, n = tokens[d].shape[:2]
+        out[d] = comps[start:start + b * n].reshape(b, n, 3)
+        start += b * n
+    return out
+
+
+def _grid_image(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(N,) or (N, 3) per-token values on a row-major (h, w) grid -> (h, w) or (h, w, 3)."""
+    return values.reshape(grid[0], grid[1], *values.shape[1:])
+
+
+@torch.no_grad()
+def save_latent_maps(folder: str | Path, tag: str, *, rgb: torch.Tensor | None, rgb_valid: torch.Tensor | None,
+                     grids: dict[str, tuple[int, int]], roles: dict[str, torch.Tensor],
+                     similarity: dict[str, torch.Tensor], hit: dict[str, torch.Tensor],
+                     tokens: dict[str, torch.Tensor], num_samples: int | None = None) -> list[Path]:
+    """Write one PNG per sample of a latent objective's pictures (kind ``latent``).
+
+    Top row: the RGB input (2-98 % stretch over valid pixels; blank without a Sentinel-2 RGB domain) and a
+    PCA-to-RGB map of the encoder's patch tokens of each input domain (one PCA over all samples and domains).
+    Then one row per band set: token roles (encoder, target only, decoder, missing), cosine similarity between
+    prediction and target at decoder tokens (-1 to 1, grey elsewhere), and a retrieval map (green: the
+    prediction is closest to its own target among the sample's decoder targets of its group; red: another
+    target is closer; grey: not decoded).
+
+    Args:
+        folder: Destination (``<output_dir>/latent``), created if needed.
+        tag: File-name suffix, e.g. ``step000120``; files are ``sample<i>_<tag>.png``.
+        rgb: float (B, 3, H, W) z-scored B04, B03, B02, or None.
+        rgb_valid: bool (B, H, W) or None.
+        grids: {band set: (h, w)} token grid of every band set.
+        roles: {band set: int (B, N_d)} role values 0..3.
+        similarity: {band set: float (B, N_d)}, NaN where the token was not decoded.
+        hit: {band set: bool (B, N_d)}.
+        tokens: {input domain: float (B, N_d, D)} encoder output with every token visible.
+        num_samples: Samples drawn (default: all B).
+
+    Returns:
+        Paths of the written PNG files.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cpu = {k: {d: t.detach().cpu() for d, t in v.items()} for k, v in
+           (("roles", roles), ("similarity", similarity), ("hit", hit), ("tokens", tokens))}
+    pca = _pca_rgb(cpu["tokens"])
+    domains = list(cpu["roles"])
+    b = next(iter(cpu["roles"].values())).shape[0]
+    role_palette = np.array([to_rgb(c) for c in _ROLE_COLORS])
+    sim_cmap = plt.get_cmap("viridis")
+    cols = max(3, 1 + len(pca))
+    paths = []
+    for i in range(b if num_samples is None else min(num_samples, b)):
+        fig, axes = plt.subplots(1 + len(domains), cols, figsize=(2.4 * cols, 2.3 * (1 + len(domains))),
+                                 squeeze=False)
+        for ax in axes.flat:
+            ax.set_xticks([]), ax.set_yticks([])
+        top = axes[0]
+        if rgb is not None:
+            x = rgb[i].detach().cpu().float().numpy()
+            ok = np.ones(x.shape[1:], bool) if rgb_valid is None else rgb_valid[i].detach().cpu().numpy()
+            lo, hi = _stretch_limits(x, ok)
+            top[0].imshow(np.where(ok[..., None], _to_rgb(x, lo, hi), 0.0), interpolation="nearest")
+        top[0].set_title("input RGB (B04, B03, B02)", fontsize=8)
+        for col, d in enumerate(pca, start=1):
+            top[col].imshow(_grid_image(pca[d][i], grids[d]), interpolation="nearest")
+            top[col].set_title(f"encoder PCA: {d}", fontsize=8)
+        for ax in top[1 + len(pca):]:
+            ax.axis("off")
+        for row, d in enumerate(domains, start=1):
+            r = cpu["roles"][d][i].long().numpy()
+            s = cpu["similarity"][d][i].float().numpy()
+            h = cpu["hit"][d][i].numpy()
+            sim_rgb = np.where(np.isnan(s)[:, None], _GREY, sim_cmap((np.nan_to_num(s) + 1) / 2)[:, :3])
+            hit_rgb = np.where(np.isnan(s)[:, None], _GREY, np.where(h[:, None], (0.1, 0.65, 0.2), (0.85, 0.15, 0.1)))
+            panels = (role_palette[r], sim_rgb, hit_rgb)
+            titles = ("roles (view 0)", "cos(prediction, target)", "own target closest")
+            for col, (img, title) in enumerate(zip(panels, titles)):
+                axes[row, col].imshow(_grid_image(img, grids[d]), interpolation="nearest")
+                if row == 1:
+                    axes[row, col].set_title(title, fontsize=8)
+            decoded = ~np.isnan(s)
+            if decoded.any():
+                axes[row, 1].set_xlabel(f"mean {s[decoded].mean():.2f}", fontsize=7)
+                axes[row, 2].set_xlabel(f"{h[decoded].mean():.0%} of {decoded.sum()}", fontsize=7)
+            axes[row, 0].set_ylabel(d, fontsize=9)
+            for ax in axes[row, 3:]:
+                ax.axis("off")
+        handles = [Patch(color=c, label=n) for n, c in zip(_ROLE_LABELS, _ROLE_COLORS)]
+        fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
+        fig.suptitle(f"{tag}, sample {i}", fontsize=10)
+        fig.tight_layout(rect=(0, 0.03, 1, 0.98))
+        path = folder / f"sample{i}_{tag}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -10,6 +10,7 @@ from multimae.encoder import MultiModalEncoder
 from multimae.objectives.base import Objective
 from multimae.objectives.moe_mae import MoEMAEObjective
 from multimae.objectives.jepa import JEPAObjective
+from multimae.objectives.latent_mim import LatentMIMObjective
 from multimae.objectives.multimae import MultiMAEObjective
 
 __all__ = ["OBJECTIVES", "Objective", "get_objective", "build_objective"]
@@ -19,6 +20,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "multimae": MultiMAEObjective,
     "moe_mae": MoEMAEObjective,
     "jepa": JEPAObjective,
+    "latent_mim": LatentMIMObjective,
 }
 
 
