@@ -24,7 +24,8 @@ the ``baseline_recipe``; the exact resolved configs and the code commit. Outputs
 ``results.json``, ``results.md`` (the table, also printed), ``metrics.png`` (metric by recipe and task) and
 ``cost.png`` (quality against pretraining cost). Resumable: a finished pretraining or evaluation is not redone
 when the command runs again; a failed recipe is reported in the table and does not stop the others (it is
-retried on the next run).
+retried on the next run). A recorded pretraining or evaluation whose config no longer matches (a changed recipe,
+budget or task) is reported as failed with the first differing key, never reused: delete its folder to redo it.
 """
 
 from __future__ import annotations
@@ -129,6 +130,22 @@ def prepare_filesets(cfg: dict) -> None:
 
 
 # ---------------------------------------------------------------------- pretraining
+def _first_difference(recorded, current, prefix: str = "") -> str | None:
+    """The first dotted key where ``recorded`` and ``current`` differ (compared as JSON would store them), or
+    None when they are equal."""
+    a = json.loads(json.dumps(recorded, default=str))
+    b = json.loads(json.dumps(current, default=str))
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                return f"{prefix}{k}"
+            diff = _first_difference(a[k], b[k], f"{prefix}{k}.")
+            if diff is not None:
+                return diff
+        return None
+    return None if a == b else (prefix.rstrip(".") or "the config")
+
+
 def _recipe_overrides(cfg: dict, recipe: dict, seed: int, out: Path) -> list[str]:
     items = [*cfg["pretrain"]["overrides"], *recipe["overrides"], f"seed={seed}", f"output_dir={out}"]
     data = _data_path(cfg, cfg["pretrain"].get("data"))
@@ -155,13 +172,18 @@ def pretrain(cfg: dict, recipe: dict, seed: int) -> dict:
     own failure: returns ``{"status": "failed", "error": ...}``."""
     out = Path(cfg["output_dir"]) / "recipes" / recipe["name"] / f"seed{seed}" / "pretrain"
     done = out / "compare_done.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     items = _recipe_overrides(cfg, recipe, seed, out)
     try:
         run_cfg = load_config(recipe["config"], items)
     except (ConfigError, ValueError, KeyError) as err:
         return {"status": "failed", "error": f"config: {err}"}
+    if done.is_file():
+        recorded = json.loads(done.read_text())
+        changed = _first_difference(recorded.get("config"), run_cfg)
+        if changed is not None:
+            return {"status": "failed", "error": f"{out} was pretrained with another config ({changed} differs); "
+                                                 f"delete that folder to pretrain it again"}
+        return recorded
     print(f"[compare] pretraining {recipe['name']} (seed {seed}) into {out}", flush=True)
     t0 = time.perf_counter()
     if cfg["isolation"] == "process":
@@ -188,23 +210,39 @@ def pretrain(cfg: dict, recipe: dict, seed: int) -> dict:
 
 # ---------------------------------------------------------------------- evaluation
 def evaluate(cfg: dict, recipe: dict, seed: int, task: dict, protocol: str, subset: list[str] | None,
-             checkpoint: str) -> dict:
-    """One probe of one pretrained encoder (or what an earlier run wrote); failures are returned, not raised."""
+             checkpoint: str, pretrain_config: dict | None = None) -> dict:
+    """One probe of one pretrained encoder (or what an earlier run wrote); failures are returned, not raised.
+
+    An earlier result made with another evaluation config or another pretraining config is reported as failed
+    (with the first differing key), never reused."""
     import run_finetuning
 
     tag = "+".join(subset) if subset else "config_inputs"
     out = Path(cfg["output_dir"]) / "recipes" / recipe["name"] / f"seed{seed}" / "eval" / task["name"] / protocol / tag
-    results = out / "results.json"
+    results, key_file = out / "results.json", out / "compare_key.json"
     row = {"recipe": recipe["name"], "seed": seed, "task": task["name"], "protocol": protocol,
            "inputs": subset or "config"}
+    items = [*task["overrides"], f"seed={seed}", f"output_dir={out}", f"finetune.checkpoint={checkpoint}",
+             f"finetune.protocol={protocol}", "finetune.grid=[]"]
+    data = _data_path(cfg, task.get("data"))
+    items += [f"data_path={data}"] if data else []
+    items += [f"in_domains=[{', '.join(subset)}]"] if subset else []
+    try:
+        eval_cfg = load_config(task["config"], items)
+    except (ConfigError, ValueError, KeyError) as err:
+        return {**row, "status": "failed", "error": f"config: {err}"}
+    # What the result depends on: the evaluation config and the pretraining it probes.
+    key = {"finetune_config": eval_cfg, "pretrain_config": pretrain_config}
+    if results.is_file() and key_file.is_file():
+        changed = _first_difference(json.loads(key_file.read_text()), key)
+        if changed is not None:
+            return {**row, "status": "failed", "error": f"{out} was evaluated with another config or pretraining "
+                                                        f"({changed} differs); delete that folder to evaluate again"}
     if not results.is_file():
-        items = [*task["overrides"], f"seed={seed}", f"output_dir={out}", f"finetune.checkpoint={checkpoint}",
-                 f"finetune.protocol={protocol}", "finetune.grid=[]"]
-        data = _data_path(cfg, task.get("data"))
-        items += [f"data_path={data}"] if data else []
-        items += [f"in_domains=[{', '.join(subset)}]"] if subset else []
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(json.dumps(key, indent=1, default=str))
         try:
-            run_finetuning.main(load_config(task["config"], items))
+            run_finetuning.main(eval_cfg)
         except Exception as err:  # noqa: BLE001
             return {**row, "status": "failed", "error": f"{type(err).__name__}: {err}"}
     res = json.loads(results.read_text())
@@ -378,7 +416,7 @@ def run_comparison(config_path: str | Path) -> dict:
                                                 "protocol": protocol, "inputs": subset or "config",
                                                 "status": "failed", "error": "pretraining failed"})
                             continue
-                        ev = evaluate(cfg, recipe, seed, task, protocol, subset, pre["checkpoint"])
+                        ev = evaluate(cfg, recipe, seed, task, protocol, subset, pre["checkpoint"], pre.get("config"))
                         if ev["status"] != "ok":
                             print(f"[compare] {recipe['name']} {task['name']} {protocol} {subset}: {ev['error']}",
                                   flush=True)

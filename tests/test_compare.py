@@ -70,6 +70,22 @@ def test_comparison_records_every_cell_resumes_and_reports_a_failed_recipe(tmp_p
     assert again["summary"]["rows"][0]["cells"]["small"]["mean"] == row["cells"]["small"]["mean"]
     assert "still broken" in again["summary"]["cost"]["broken"]["errors"][0]
 
+    # A changed budget for one recipe: its recorded run is not reused, and the message names the key.
+    cfg = yaml.safe_load(path.read_text())
+    cfg["recipes"][1]["overrides"].append("optim.blr=0.5")
+    path.write_text(yaml.safe_dump(cfg))
+    changed = compare_objectives.run_comparison(path)
+    error = changed["summary"]["cost"]["wider_budget"]["errors"][0]
+    assert "optim.blr differs" in error and "wider_budget" in error
+    assert changed["summary"]["rows"][0]["cells"]["small"]["mean"] == row["cells"]["small"]["mean"]
+    # A changed task: every evaluation of it is reported, not reused.
+    cfg["recipes"][1]["overrides"].pop()
+    cfg["tasks"][0]["overrides"].append("finetune.probe_blr=0.5")
+    path.write_text(yaml.safe_dump(cfg))
+    evals = compare_objectives.run_comparison(path)["evaluations"]
+    assert {e["status"] for e in evals if e["recipe"] != "broken"} == {"failed"}
+    assert all("finetune.probe_blr differs" in e["error"] for e in evals if e["recipe"] != "broken")
+
 
 def test_spread_over_seeds_and_ties(tmp_path):
     cfg = {"recipes": [{"name": "a"}, {"name": "b"}], "baseline_recipe": "a", "seeds": [0, 1]}
