@@ -114,3 +114,27 @@ def test_bad_comparison_configs_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"tasks.t.protocols must be a non-empty list of knn"):
         compare_objectives.load_compare_config(path)
     assert compare_objectives.main(["--config", str(tmp_path / "absent.yaml")]) == 2
+
+
+@pytest.mark.parametrize("name", ["demo", "mmearth64_geobench"])
+def test_shipped_comparison_configs_resolve_for_every_recipe_and_task(name):
+    from multimae.build import build_pretraining
+    from utils.config import load_config
+
+    cfg = yaml.safe_load((REPO / "cfgs" / "compare" / f"{name}.yaml").read_text())
+    objectives = set()
+    for recipe in cfg["recipes"]:
+        items = [*cfg["pretrain"]["overrides"], *recipe.get("overrides", []), "data_path=unused", "output_dir=unused"]
+        run_cfg = load_config([str(REPO / c) for c in recipe["config"]], items)
+        objectives.add(run_cfg["objective"])
+        assert run_cfg["in_domains"] == ["s2_rgb", "s2_rededge", "s2_nir", "s2_swir", "s1"]
+        assert run_cfg["model"]["patch_size"] == 8 and run_cfg["data"]["input_size"] == 56
+        if name == "demo":  # small enough to build here: catches settings only the objective checks
+            assert sum(p.numel() for p in build_pretraining(run_cfg).parameters()) > 0
+    assert objectives == {"multimae", "latent_mim", "jepa", "moe_mae"}
+    for task in cfg["tasks"]:
+        for protocol in task["protocols"]:
+            for subset in task["subsets"]:
+                items = [*task.get("overrides", []), f"finetune.protocol={protocol}", "finetune.checkpoint=unused",
+                         "data_path=unused", f"in_domains=[{', '.join(subset)}]"]
+                assert load_config([str(REPO / c) for c in task["config"]], items)["in_domains"] == subset
