@@ -53,7 +53,7 @@ from multimae.layout import TokenLayout
 from multimae.metadata import MetadataAdapter
 from multimae.moe import gqa_layer, moe_feed_forward
 
-__all__ = ["FFN_LAYERS", "MultiModalEncoder", "Tokens", "init_linear_layers", "resolve_domain", "patch_layout",
+__all__ = ["FFN_LAYERS", "MultiModalEncoder", "Tokens", "init_linear_layers", "resolve_domain", "resolve_domains", "patch_layout",
            "pop_block_aux_loss"]
 
 #: Feed-forward kinds of the encoder blocks: name -> factory(options, block index, depth) -> ``mlp_layer``
@@ -84,6 +84,31 @@ def resolve_domain(name: str, key: str) -> Domain:
     if dom.level != "pixel" or dom.kind not in ("continuous", "categorical"):
         raise ValueError(f"{key}: domain {name!r} is not a pixel-level continuous or categorical map")
     return dom
+
+
+def resolve_domains(names, key: str, *, empty: str | None = "", output_only: bool = True) -> list[Domain]:
+    """:func:`resolve_domain` for each name of a config list, which must not repeat a domain.
+
+    Args:
+        names: Domain names in config order.
+        key: The config field, for the error messages.
+        empty: None: an empty list is allowed; else it is refused, with this text appended to the message.
+        output_only: Whether output-only domains (targets derived from another domain) may be listed.
+
+    Raises:
+        ValueError: an empty list (unless allowed), a repeated, unknown or non-pixel domain, or an output-only
+            one where they are not allowed.
+    """
+    names = list(names)
+    if not names and empty is not None:
+        raise ValueError(f"{key} is empty{empty}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{key} lists a domain twice: {names}")
+    domains = [resolve_domain(name, key) for name in names]
+    for dom in domains:
+        if dom.is_output_only and not output_only:
+            raise ValueError(f"{key}: {dom.name!r} is output-only (a target derived from {dom.source!r})")
+    return domains
 
 
 def init_linear_layers(module: nn.Module) -> None:
@@ -208,14 +233,7 @@ class MultiModalEncoder(nn.Module):
     ) -> None:
         super().__init__()
         in_domains = list(in_domains)
-        if not in_domains:
-            raise ValueError("in_domains is empty")
-        if len(set(in_domains)) != len(in_domains):
-            raise ValueError(f"in_domains lists a domain twice: {in_domains}")
-        for name in in_domains:
-            dom = resolve_domain(name, "in_domains")
-            if dom.is_output_only:
-                raise ValueError(f"in_domains: {name!r} is output-only (a target derived from {dom.source!r})")
+        resolve_domains(in_domains, "in_domains", output_only=False)
         patch_sizes = dict(patch_sizes or {})
         for name, p in patch_sizes.items():
             if not isinstance(p, int) or isinstance(p, bool) or p < 1:

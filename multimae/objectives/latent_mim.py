@@ -40,7 +40,7 @@ from torch import nn
 
 from multimae.decoders import CrossAttention
 from multimae.domains import DOMAINS
-from multimae.encoder import MultiModalEncoder, resolve_domain
+from multimae.encoder import MultiModalEncoder, resolve_domains
 from multimae.layout import TokenLayout
 from multimae.objectives.base import Objective
 from multimae.objectives.latent_mim_masking import DECODER, ENCODER, ModalityCrossMasking
@@ -317,14 +317,9 @@ class LatentMIMObjective(Objective):
             raise ValueError(f"model.metadata: the latent_mim objective masks and predicts band-set tokens only; drop "
                              f"the metadata tokens ({', '.join(encoder.metadata_fields)}) or choose another objective")
         decode_only = list(decode_only)
-        if len(set(decode_only)) != len(decode_only):
-            raise ValueError(f"latent_mim.decode_only lists a domain twice: {decode_only}")
-        for name in decode_only:
-            dom = resolve_domain(name, "latent_mim.decode_only")
-            if dom.is_output_only:
-                raise ValueError(f"latent_mim.decode_only: {name!r} is output-only (derived from {dom.source!r})")
-            if name in encoder.in_domains:
-                raise ValueError(f"latent_mim.decode_only: {name!r} is also in in_domains; a decode-only domain is "
+        for dom in resolve_domains(decode_only, "latent_mim.decode_only", empty=None, output_only=False):
+            if dom.name in encoder.in_domains:
+                raise ValueError(f"latent_mim.decode_only: {dom.name!r} is also in in_domains; a decode-only domain is "
                                  "never encoded, so list it in only one of the two")
         self.domains = list(encoder.in_domains) + decode_only
         if len(self.domains) < 2:

@@ -34,7 +34,7 @@ from torch import nn
 from multimae.criterion import MultiMAECriterion
 from multimae.decoders import SpatialDecoder
 from multimae.domains import DOMAINS
-from multimae.encoder import MultiModalEncoder, patch_layout, resolve_domain
+from multimae.encoder import MultiModalEncoder, patch_layout, resolve_domains
 from multimae.masking import mask_to_ids, random_masks, split_masks
 from multimae.moe import expert_usage
 from multimae.objectives.base import Objective
@@ -86,14 +86,11 @@ class MultiMAEObjective(Objective):
     ) -> None:
         super().__init__(encoder)
         out_domains = list(out_domains)
-        if not out_domains:
-            raise ValueError("multimae.out_domains is empty: the objective needs at least one domain to reconstruct")
-        if len(set(out_domains)) != len(out_domains):
-            raise ValueError(f"multimae.out_domains lists a domain twice: {out_domains}")
-        for name in out_domains:
-            dom = resolve_domain(name, "multimae.out_domains")
+        for dom in resolve_domains(out_domains, "multimae.out_domains",
+                                   empty=": the objective needs at least one domain to reconstruct"):
             if dom.source is not None and dom.source not in encoder.in_domains:
-                raise ValueError(f"multimae.out_domains: {name!r} reconstructs {dom.source!r}, which is not in in_domains")
+                raise ValueError(f"multimae.out_domains: {dom.name!r} reconstructs {dom.source!r}, which is not in "
+                                 "in_domains")
         layout = patch_layout(encoder.layout())
         if not 1 <= num_encoded_tokens <= layout.num_tokens:
             raise ValueError(

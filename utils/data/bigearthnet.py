@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from multimae.domains import get_domain
 from utils.data.geobench import spatial_transform
+from utils.data.mmearth_files import read_json_object
 
 __all__ = ["BIGEARTHNET_CLASSES", "BigEarthNetDataset", "find_patches"]
 
@@ -87,16 +88,6 @@ def _extract(archive: Path, cache_dir: Path) -> Path:
     return dest
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
-    return data
-
-
 def find_patches(root, cache_dir=None) -> tuple[dict[str, Path], dict[str, Path]]:
     """Locate S2 and S1 patch folders under ``root`` (extracting ``*.tar.bz2`` archives into ``cache_dir``).
 
@@ -123,7 +114,7 @@ def find_patches(root, cache_dir=None) -> tuple[dict[str, Path], dict[str, Path]
             if (folder / f"{name}_B02.tif").is_file():
                 s2[name] = folder
             elif (folder / f"{name}_VV.tif").is_file():
-                partner = _read_json(meta).get("corresponding_s2_patch")
+                partner = read_json_object(meta).get("corresponding_s2_patch")
                 if partner:
                     s1[partner] = folder
     if not s2:
@@ -219,7 +210,7 @@ class BigEarthNetDataset(Dataset):
         """
         needed = sorted({b for bs in self.bands.values() for b in bs})
         path = Path(self.cache_dir) / "bigearthnet_band_stats.json" if self.cache_dir else None
-        cached = _read_json(path) if path is not None and path.is_file() else {}
+        cached = read_json_object(path) if path is not None and path.is_file() else {}
         missing = [b for b in needed if b not in cached]
         if missing:
             rng = np.random.default_rng(self.seed)
@@ -256,7 +247,7 @@ class BigEarthNetDataset(Dataset):
         """
         meta = self.s2[name] / f"{name}_labels_metadata.json"
         out = torch.zeros(self.num_classes)
-        for lab in _read_json(meta).get("labels", []):
+        for lab in read_json_object(meta).get("labels", []):
             if lab not in BIGEARTHNET_CLASSES:
                 raise ValueError(f"{meta}: label {lab!r} is not one of the 43 BigEarthNet classes")
             out[BIGEARTHNET_CLASSES.index(lab)] = 1.0

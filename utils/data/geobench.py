@@ -25,7 +25,6 @@ from __future__ import annotations
 import ast
 import datetime
 import io
-import json
 import math
 import pickle
 import re
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from multimae.domains import get_domain
+from utils.data.mmearth_files import read_json_object
 
 __all__ = [
     "GeoBenchTask",
@@ -345,13 +345,7 @@ _SPLIT_KEYS = {"train": "train", "val": "valid", "valid": "valid", "test": "test
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"GEO-Bench: missing file {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
-    return data
+    return read_json_object(path)
 
 
 def _open_sample(path: Path) -> h5py.File:
