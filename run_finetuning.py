@@ -178,11 +178,12 @@ class FineTuner(LoopTask):
 
     def _build_model(self, in_domains: list[str], pretrained: dict | None) -> FineTuneModel:
         encoder, self.load_report = build_backbone(self.cfg, pretrained, in_domains)
-        head = None
+        head, patch_size = None, self.ft["patch_size"]
         if self.trained:
             head = build_head(self.task, self.ft["head"], encoder=encoder, num_classes=self.num_classes,
-                              pool=self.ft["pool"], probe=self.protocol == "linear_probe")
-        return FineTuneModel(encoder, head, freeze_encoder=self.protocol != "finetune", pool=self.ft["pool"])
+                              pool=self.ft["pool"], probe=self.protocol == "linear_probe", patch_size=patch_size)
+        return FineTuneModel(encoder, head, freeze_encoder=self.protocol != "finetune", pool=self.ft["pool"],
+                             patch_size=patch_size)
 
     def _layer_decay(self) -> float | None:
         """Layer-wise lr decay of this run: fine-tuning a checkpoint only (``optim.layer_decay``, null = the
@@ -281,7 +282,7 @@ class FineTuner(LoopTask):
         c, ft, data = self.cfg, self.ft, self.cfg["data"]
         keys = {"data_path": str(c["data_path"]), "in_domains": self.net.in_domains, "seed": c["seed"],
                 "finetune": {k: ft[k] for k in ("checkpoint", "from_scratch", "dataset", "target", "geobench_task",
-                                                "partition", "label_fraction", "pool", "test_split")},
+                                                "partition", "label_fraction", "pool", "test_split", "patch_size")},
                 "data": {k: data[k] for k in ("train_split", "val_split", "input_size", "resize", "elevation_norm")},
                 "checkpoint_step": self.checkpoint_step}
         return json.dumps(keys, sort_keys=True, default=str)
