@@ -228,7 +228,7 @@ class FineTuner(LoopTask):
 
     def step(self, batch: dict) -> dict:
         """One forward pass of the (possibly DDP-wrapped) model: ``{"loss": fp32 scalar}``."""
-        logits = self.engine.model(batch["inputs"], batch["valid"])
+        logits = self.engine.model(batch["inputs"], batch["valid"], batch.get("metadata"))
         return {"loss": self.loss(logits, batch["label"])}
 
     @torch.no_grad()
@@ -248,7 +248,7 @@ class FineTuner(LoopTask):
         for batch in self.loaders[split]:
             batch = self.engine.to_device(batch)
             with autocast(self.info.device, self.engine.precision):
-                logits = self.net(batch["inputs"], batch["valid"])
+                logits = self.net(batch["inputs"], batch["valid"], batch.get("metadata"))
             self.metrics.update(logits.float(), batch["label"])
         self.net.train()
         return self.metrics.compute()
@@ -267,7 +267,7 @@ class FineTuner(LoopTask):
                 index.append(torch.as_tensor(batch["index"]))
                 batch = self.engine.to_device(batch)
                 with autocast(self.info.device, self.engine.precision):
-                    embs.append(self.net.embed(batch["inputs"], batch["valid"]).float().cpu())
+                    embs.append(self.net.embed(batch["inputs"], batch["valid"], batch.get("metadata")).float().cpu())
                 labels.append(batch["label"].cpu())
             gathered = all_gather_object((torch.cat(embs), torch.cat(labels), torch.cat(index)))
             emb, lab, idx = (torch.cat([g[i] for g in gathered]) for i in range(3))

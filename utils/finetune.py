@@ -11,6 +11,10 @@ MultiMAE's resized pretraining table and sin-cos computed on the new grid (:func
 ``finetune.patch_size`` runs every domain at another patch size than the pretraining one (the adapters' kernels
 resized as in FlexiViT, Beyer et al., CVPR 2023; positions in ground distance; :func:`check_patch_size`).
 
+An encoder with metadata tokens (``model.metadata``, e.g. MoE-MAE's) reads ``batch["metadata"]`` in every
+forward (:class:`FineTuneModel`); a dataset without metadata leaves the key out and the encoder uses its learned
+missing embeddings. Segmentation heads read the grid tokens only; mean pooling includes the metadata tokens.
+
 kNN follows OlmoEarth's ``evals/knn.py`` convention:
 L2-normalised mean-pooled embeddings, cosine similarity, the k = 20 nearest training samples vote for their
 label with weight exp(similarity / 0.07). The embeddings are pooled as ``finetune.pool`` says.
@@ -256,9 +260,15 @@ def load_backbone(encoder: nn.Module, state: dict[str, torch.Tensor], in_domains
 class FineTuneModel(nn.Module):
     """A multi-modal encoder (no masking, every token visible) plus a task head.
 
+    Every method takes the batch's ``inputs``, ``valid`` and ``metadata`` (``batch.get("metadata")``:
+    {field: float (B, 2) (sin, cos)}, NaN where absent; None without metadata). An encoder without metadata
+    tokens ignores ``metadata``; one with them gives a field absent from the batch (or NaN) its learned missing
+    embedding.
+
     Args:
-        encoder: :class:`MultiModalEncoder`; its ``encode(inputs, valid=valid)`` gives (B, N + G, D) tokens in
-            layout order, global tokens last. Parameters are named ``encoder.*`` and ``head.*``.
+        encoder: :class:`MultiModalEncoder`; its ``encode(inputs, valid=valid, metadata=metadata)`` gives
+            (B, N + G, D) tokens in layout order: the grid domains' patch tokens, the metadata tokens (one per
+            ``model.metadata`` field), then the global tokens. Parameters are named ``encoder.*`` and ``head.*``.
         head: :class:`LinearHead`, :class:`ConvNeXtSegHead` or :class:`LinearSegHead`; None for the protocols
             that train no head (kNN, logistic regression: only :meth:`embed` is used). A segmentation head must
             be built for the same ``patch_size`` (:func:`build_head`).
@@ -288,15 +298,17 @@ class FineTuneModel(nn.Module):
             self.encoder.eval()
         return self
 
-    def tokens(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Encoder tokens (B, N + G, D); no gradient when the encoder is frozen."""
+    def tokens(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None,
+               metadata: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Encoder tokens (B, N + G, D) (metadata tokens included); no gradient when the encoder is frozen."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            return self.encoder.encode(inputs, valid=valid, patch_size=self.patch_size)
+            return self.encoder.encode(inputs, valid=valid, metadata=metadata, patch_size=self.patch_size)
 
     def grids(self, tokens: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], tuple[int, int]]:
         """The patch tokens of every grid domain on one common grid, the finest of the layout.
 
-        Domains with a coarser grid (a larger patch size) are repeated onto it (nearest neighbour).
+        Each domain's tokens are its layout segment's; metadata and global tokens are in no grid. Domains with a
+        coarser grid (a larger patch size) are repeated onto it (nearest neighbour).
 
         Returns:
             ``n_domains x (B, h * w, D)`` and (h, w).
@@ -314,26 +326,32 @@ class FineTuneModel(nn.Module):
             out.append(t)
         return out, (h, w)
 
-    def forward(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits: (B, K) for a :class:`LinearHead`, (B, K, H, W) for a segmentation head.
+    def forward(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None,
+                metadata: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits: (B, K) for a :class:`LinearHead` (pooled as :meth:`embed`), (B, K, H, W) for a segmentation
+        head (on :meth:`grids`).
 
         Raises:
             RuntimeError: the model has no head.
         """
         if self.head is None:
             raise RuntimeError("this fine-tuning model has no head (kNN / logistic protocols only embed)")
-        tokens = self.tokens(inputs, valid)
+        tokens = self.tokens(inputs, valid, metadata)
         if isinstance(self.head, LinearHead):
             return self.head(tokens)
         grids, size = self.grids(tokens, inputs)
         return self.head(grids, size)
 
     @torch.no_grad()
-    def embed(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """(B, D) pooled encoder tokens (``pool``: mean of all tokens or the global token), the embedding of
-        kNN, the logistic probe and the embedding map."""
-        return pool_tokens(self.encoder.encode(inputs, valid=valid, patch_size=self.patch_size), self.pool,
-                           self.encoder.num_global_tokens)
+    def embed(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None,
+              metadata: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, D) pooled encoder tokens, the embedding of kNN, the logistic probe and the embedding map.
+
+        ``pool`` ``mean``: the mean of every output token, patch, metadata and global tokens alike (as MoE-MAE's
+        probes pool its metadata, class and patch tokens); ``global``: the first global token.
+        """
+        return pool_tokens(self.encoder.encode(inputs, valid=valid, metadata=metadata, patch_size=self.patch_size),
+                           self.pool, self.encoder.num_global_tokens)
 
 
 def build_head(task: str, head: str, *, encoder: MultiModalEncoder, num_classes: int, pool: str = "mean",
