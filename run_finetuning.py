@@ -138,9 +138,12 @@ class FineTuner(LoopTask):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"finetune.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         self.trained = self.protocol in TRAINED
-        self.sets = {"train": training_set(cfg, in_domains, augment=self.trained)}
+        # The data delivers the encoder's metadata fields (the checkpoint's, else model.metadata) where it has them.
+        fields = pretrained["encoder"]["spec"].get("metadata", []) if pretrained else cfg["model"]["metadata"]
+        data_cfg = {**cfg, "model": {**cfg["model"], "metadata": list(fields)}}
+        self.sets = {"train": training_set(data_cfg, in_domains, augment=self.trained)}
         for name, split in get_dataset_kind(self.ft["dataset"]).eval_splits(cfg).items():
-            self.sets[name] = build_dataset(cfg, in_domains, split, augment=False) if split else None
+            self.sets[name] = build_dataset(data_cfg, in_domains, split, augment=False) if split else None
         self.sets = {k: v for k, v in self.sets.items() if v is not None}
         meta = _meta(self.sets["train"])
         self.task, self.num_classes = meta.task, meta.num_classes

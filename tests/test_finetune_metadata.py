@@ -102,3 +102,32 @@ def test_features_change_with_the_metadata_and_absent_metadata_is_the_missing_em
     one = net.embed({d: x[1:] for d, x in inputs.items()}, {d: v[1:] for d, v in valid.items()},
                     {f: t[1:] for f, t in meta.items()})
     torch.testing.assert_close(one, base[1:], rtol=1e-4, atol=1e-5)
+
+
+def test_run_finetuning_feeds_the_mmearth_metadata_to_the_encoder(mmearth_fileset, tmp_path, monkeypatch):
+    import run_finetuning
+    from multimae.encoder import MultiModalEncoder
+    from utils.checkpoint import save_checkpoint
+
+    cfg = load_config(None, [*TINY, *DECODER, "objective=moe_mae", f"in_domains={DOMAINS}",
+                             "model.metadata=[lat, lon, week]"])
+    model = build_pretraining(cfg)
+    save_checkpoint({"format_version": 2, "kind": "pretraining", "encoder": encoder_entry(model.encoder),
+                     "objective": model.objective_state(), "config": cfg, "step": 0}, tmp_path / "pre.pth")
+    seen = []
+    encode = MultiModalEncoder.encode
+
+    def spy(self, inputs, **kwargs):
+        seen.append(kwargs.get("metadata"))
+        return encode(self, inputs, **kwargs)
+
+    monkeypatch.setattr(MultiModalEncoder, "encode", spy)
+    args = [f"data_path={mmearth_fileset}", f"output_dir={tmp_path / 'out'}", "num_workers=0", "batch_size=4",
+            "data.pin_memory=false", "epochs=1", "max_steps=1", f"in_domains={DOMAINS}", *TINY,
+            f"finetune.checkpoint={tmp_path / 'pre.pth'}", "finetune.protocol=linear_probe"]
+    res = run_finetuning.main(load_config(None, args))
+    assert 0.0 <= res["metrics"]["test"]["miou"] <= 1.0
+    assert seen and all(m is not None and set(m) == {"lat", "lon", "week"} for m in seen)
+    lat = torch.cat([m["lat"] for m in seen])
+    assert torch.isfinite(lat).all() and torch.allclose(lat.pow(2).sum(1), torch.ones(len(lat)))  # (sin, cos) pairs
+    assert lat[:, 0].unique().numel() > 1  # per-sample values, not one constant
