@@ -138,9 +138,12 @@ class FineTuner(LoopTask):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"finetune.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         self.trained = self.protocol in TRAINED
-        self.sets = {"train": training_set(cfg, in_domains, augment=self.trained)}
+        # The data delivers the encoder's metadata fields (the checkpoint's, else model.metadata) where it has them.
+        fields = pretrained["encoder"]["spec"].get("metadata", []) if pretrained else cfg["model"]["metadata"]
+        data_cfg = {**cfg, "model": {**cfg["model"], "metadata": list(fields)}}
+        self.sets = {"train": training_set(data_cfg, in_domains, augment=self.trained)}
         for name, split in get_dataset_kind(self.ft["dataset"]).eval_splits(cfg).items():
-            self.sets[name] = build_dataset(cfg, in_domains, split, augment=False) if split else None
+            self.sets[name] = build_dataset(data_cfg, in_domains, split, augment=False) if split else None
         self.sets = {k: v for k, v in self.sets.items() if v is not None}
         meta = _meta(self.sets["train"])
         self.task, self.num_classes = meta.task, meta.num_classes
@@ -178,11 +181,12 @@ class FineTuner(LoopTask):
 
     def _build_model(self, in_domains: list[str], pretrained: dict | None) -> FineTuneModel:
         encoder, self.load_report = build_backbone(self.cfg, pretrained, in_domains)
-        head = None
+        head, patch_size = None, self.ft["patch_size"]
         if self.trained:
             head = build_head(self.task, self.ft["head"], encoder=encoder, num_classes=self.num_classes,
-                              pool=self.ft["pool"], probe=self.protocol == "linear_probe")
-        return FineTuneModel(encoder, head, freeze_encoder=self.protocol != "finetune", pool=self.ft["pool"])
+                              pool=self.ft["pool"], probe=self.protocol == "linear_probe", patch_size=patch_size)
+        return FineTuneModel(encoder, head, freeze_encoder=self.protocol != "finetune", pool=self.ft["pool"],
+                             patch_size=patch_size)
 
     def _layer_decay(self) -> float | None:
         """Layer-wise lr decay of this run: fine-tuning a checkpoint only (``optim.layer_decay``, null = the
@@ -227,7 +231,7 @@ class FineTuner(LoopTask):
 
     def step(self, batch: dict) -> dict:
         """One forward pass of the (possibly DDP-wrapped) model: ``{"loss": fp32 scalar}``."""
-        logits = self.engine.model(batch["inputs"], batch["valid"])
+        logits = self.engine.model(batch["inputs"], batch["valid"], batch.get("metadata"))
         return {"loss": self.loss(logits, batch["label"])}
 
     @torch.no_grad()
@@ -247,7 +251,7 @@ class FineTuner(LoopTask):
         for batch in self.loaders[split]:
             batch = self.engine.to_device(batch)
             with autocast(self.info.device, self.engine.precision):
-                logits = self.net(batch["inputs"], batch["valid"])
+                logits = self.net(batch["inputs"], batch["valid"], batch.get("metadata"))
             self.metrics.update(logits.float(), batch["label"])
         self.net.train()
         return self.metrics.compute()
@@ -266,7 +270,7 @@ class FineTuner(LoopTask):
                 index.append(torch.as_tensor(batch["index"]))
                 batch = self.engine.to_device(batch)
                 with autocast(self.info.device, self.engine.precision):
-                    embs.append(self.net.embed(batch["inputs"], batch["valid"]).float().cpu())
+                    embs.append(self.net.embed(batch["inputs"], batch["valid"], batch.get("metadata")).float().cpu())
                 labels.append(batch["label"].cpu())
             gathered = all_gather_object((torch.cat(embs), torch.cat(labels), torch.cat(index)))
             emb, lab, idx = (torch.cat([g[i] for g in gathered]) for i in range(3))
@@ -281,7 +285,7 @@ class FineTuner(LoopTask):
         c, ft, data = self.cfg, self.ft, self.cfg["data"]
         keys = {"data_path": str(c["data_path"]), "in_domains": self.net.in_domains, "seed": c["seed"],
                 "finetune": {k: ft[k] for k in ("checkpoint", "from_scratch", "dataset", "target", "geobench_task",
-                                                "partition", "label_fraction", "pool", "test_split")},
+                                                "partition", "label_fraction", "pool", "test_split", "patch_size")},
                 "data": {k: data[k] for k in ("train_split", "val_split", "input_size", "resize", "elevation_norm")},
                 "checkpoint_step": self.checkpoint_step}
         return json.dumps(keys, sort_keys=True, default=str)

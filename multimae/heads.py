@@ -1,10 +1,10 @@
 """Task heads for fine-tuning and probing the MultiMAE encoder.
 
-Pure torch. The heads read the encoder's output tokens, (B, sum N_d + G, D): N_d patch tokens per input
-domain (in ``in_domains`` order) followed by G global tokens.
+Pure torch. The heads read the encoder's output tokens, (B, sum N_d + M + G, D): N_d patch tokens per input
+domain (in ``in_domains`` order), M metadata tokens (encoders with ``model.metadata``), then G global tokens.
 
 * :class:`LinearHead` (classification, multi-label): pool the tokens (:func:`pool_tokens`: mean over all tokens
-  including the global ones, or the first global token), normalise, Linear. Fine-tuning (``norm="layer"``):
+  including the metadata and global ones, or the first global token), normalise, Linear. Fine-tuning (``norm="layer"``):
   LayerNorm, as EPFL MultiMAE's ``LinearOutputAdapter`` (Bachmann et al., ECCV 2022;
   ``multimae/output_adapters.py``), with a small-scale initialisation. Linear probe (``norm="batch"``):
   BatchNorm without affine parameters, then the Linear layer (trunc-normal std 0.01), as MAE's linear probe
@@ -37,8 +37,8 @@ NORMS = ("layer", "batch")
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str, num_global_tokens: int) -> torch.Tensor:
-    """(B, N + G, D) encoder tokens -> (B, D) embedding: ``mean`` of all tokens (global ones included) or the
-    first ``global`` token (the heads, kNN and the logistic probe pool the same way).
+    """(B, N + G, D) encoder tokens -> (B, D) embedding: ``mean`` of all tokens (metadata and global ones
+    included) or the first ``global`` token (the heads, kNN and the logistic probe pool the same way).
 
     Raises:
         ValueError: unknown ``pool`` or ``global`` pooling without global tokens.

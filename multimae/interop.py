@@ -1,8 +1,10 @@
 """Exchange encoder weights with timm's ``VisionTransformer``.
 
 The multi-modal encoder with one continuous input adapter is a plain ViT: the same timm blocks, a
-patch embedding, a position embedding and learnable prefix tokens. Key mapping (as the reference's
-``multimae2vit_converter``):
+patch embedding, a position embedding and learnable prefix tokens. Encoders with parts a plain ViT lacks are
+refused, naming the config field (:func:`check_plain_vit`): mixture-of-experts feed-forwards (``model.ffn``),
+grouped-query attention (``model.kv_groups``) and, for the export, metadata tokens (``model.metadata``); their
+export folder (:mod:`multimae.pretrained`) holds them. Key mapping (as the reference's ``multimae2vit_converter``):
 
 =====================================  ==========================================================
 MultiModalEncoder                      timm ``VisionTransformer``
@@ -11,6 +13,7 @@ MultiModalEncoder                      timm ``VisionTransformer``
                                        ``reg_token`` (1, G - 1, D) = the others (``reg_tokens=G-1``)
 ``input_adapters.<d>.proj.*``          ``patch_embed.proj.*``
 sin-cos buffer of the adapter (N, D)   ``pos_embed`` (1, G + N, D): G zero rows (prefix), then it
+(+ ``domain_embeds.<d>`` (1, 1, D))    (plus the domain embedding on every row, when the encoder has one)
 ``blocks.<i>.*``                       ``blocks.<i>.*``
 (no final norm)                        ``norm``: **none**, build timm with ``final_norm=False``
 =====================================  ==========================================================
@@ -37,7 +40,7 @@ import torch
 from multimae.domains import DOMAINS
 from multimae.encoder import MultiModalEncoder
 
-__all__ = ["export_timm_state_dict", "load_timm_state_dict", "timm_vit_kwargs"]
+__all__ = ["check_plain_vit", "export_timm_state_dict", "load_timm_state_dict", "timm_vit_kwargs"]
 
 
 def _check_domain(model: MultiModalEncoder, domain: str) -> None:
@@ -47,9 +50,42 @@ def _check_domain(model: MultiModalEncoder, domain: str) -> None:
         raise ValueError(f"domain {domain!r} is categorical; timm's patch embedding needs a continuous domain")
 
 
+def check_plain_vit(model: MultiModalEncoder, *, with_tokens: bool = True) -> None:
+    """Refuse an encoder that timm's ``VisionTransformer`` cannot express.
+
+    Args:
+        model: The encoder.
+        with_tokens: Also refuse metadata tokens (an export: the ViT would compute other features). Loading timm
+            weights into such an encoder is fine (the blocks match; the metadata adapter keeps its weights).
+
+    Raises:
+        ValueError: one line naming each config field in the way: ``model.ffn`` other than ``mlp`` (a
+            mixture-of-experts feed-forward, not timm's ``Mlp``), ``model.kv_groups`` set (grouped-query
+            attention, not timm's fused ``qkv``), ``model.metadata`` non-empty (tokens a ViT does not have).
+    """
+    problems = []
+    if model.ffn != "mlp":
+        problems.append(f"model.ffn is {model.ffn!r} (its blocks.<i>.mlp is not the one Mlp of a timm ViT block)")
+    if model.kv_groups is not None:
+        problems.append(f"model.kv_groups is {model.kv_groups} (grouped-query attention, not the fused qkv of a "
+                        "timm ViT block)")
+    if with_tokens and model.metadata_fields:
+        problems.append(f"model.metadata is {model.metadata_fields} (metadata tokens, which a timm ViT does not "
+                        "have: its features would differ)")
+    if problems:
+        raise ValueError(f"this encoder is no plain timm VisionTransformer: {'; '.join(problems)}; use its export "
+                         "folder instead (tools/export_encoder.py, multimae.load_pretrained)")
+
+
 def timm_vit_kwargs(model: MultiModalEncoder, domain: str) -> dict:
-    """Keyword arguments of ``timm.models.vision_transformer.VisionTransformer`` matching the export."""
+    """Keyword arguments of ``timm.models.vision_transformer.VisionTransformer`` matching the export.
+
+    Raises:
+        ValueError: ``domain`` is not a continuous input domain, or the encoder is no plain ViT
+            (:func:`check_plain_vit`).
+    """
     _check_domain(model, domain)
+    check_plain_vit(model)
     block = model.blocks[0]
     return {
         "img_size": model.input_size,
@@ -79,12 +115,16 @@ def export_timm_state_dict(model: MultiModalEncoder, domain: str) -> dict[str, t
         class token, ``reg_tokens = G - 1``); tensors are detached copies.
 
     Raises:
-        ValueError: If ``domain`` is not a continuous input domain.
+        ValueError: If ``domain`` is not a continuous input domain, or the encoder is no plain ViT
+            (:func:`check_plain_vit`: ``model.ffn``, ``model.kv_groups``, ``model.metadata``).
     """
     _check_domain(model, domain)
+    check_plain_vit(model)
     adapter = model.input_adapters[domain]
     g = model.num_global_tokens
     pos = adapter.pos_embed.detach()  # (1, N, D)
+    if model.domain_embeds is not None:  # added to every token of the domain, as the position embedding is
+        pos = pos + model.domain_embeds[domain].detach()
     out = {
         "cls_token": model.global_tokens.detach()[:, :1].clone(),
         "pos_embed": torch.cat([pos.new_zeros(1, g, model.dim), pos], dim=1).clone(),
@@ -102,7 +142,7 @@ def load_timm_state_dict(model: MultiModalEncoder, state_dict: dict[str, torch.T
     """Load a timm ViT state dict into the encoder, the global tokens and one input adapter.
 
     Args:
-        model: The encoder (a MultiModalEncoder).(modified in place).
+        model: The encoder (a MultiModalEncoder; modified in place).
         state_dict: timm ``VisionTransformer`` state dict with the same width and depth.
         domain: Continuous input domain that receives ``patch_embed.proj``.
 
@@ -111,10 +151,12 @@ def load_timm_state_dict(model: MultiModalEncoder, state_dict: dict[str, torch.T
         ``head.*``, ...) and model parameters left as they were (other adapters, decoders).
 
     Raises:
-        ValueError: If the domain is unsuitable, a block key is missing, or shapes differ (the
+        ValueError: If the domain is unsuitable, the encoder's blocks are not timm's (``model.ffn``,
+            ``model.kv_groups``, :func:`check_plain_vit`), a block key is missing, or shapes differ (the
             message names the key).
     """
     _check_domain(model, domain)
+    check_plain_vit(model, with_tokens=False)
     mapped: dict[str, torch.Tensor] = {}
     unused = []
     for key, value in state_dict.items():

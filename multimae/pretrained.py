@@ -30,6 +30,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from multimae.domains import DOMAINS
 from multimae.encoder import SPEC_KEYS, MultiModalEncoder
+from multimae.metadata import METADATA_FIELDS
 
 __all__ = [
     "FORMAT_VERSION",
@@ -235,9 +236,12 @@ def load_pretrained(path: str | Path, *, in_domains: Sequence[str] | None = None
         device: Device of the returned encoder.
 
     Returns:
-        The :class:`~multimae.encoder.MultiModalEncoder` in eval mode. ``encoder.encode(inputs, valid=...)``
-        takes ``{domain: float32 (B, C, H, W)}`` normalised as config.json's ``domains.<d>`` says (class maps:
-        int64 (B, H, W) class ids, -1 = no-data) and returns (B, N + G, D) tokens, the G global tokens last.
+        The :class:`~multimae.encoder.MultiModalEncoder` in eval mode. ``encoder.encode(inputs, valid=...,
+        metadata=...)`` takes ``{domain: float32 (B, C, H, W)}`` normalised as config.json's ``domains.<d>`` says
+        (class maps: int64 (B, H, W) class ids, -1 = no-data) and, for an encoder with metadata tokens
+        (``architecture.metadata``), ``{field: float32 (B, 2)}`` (sin, cos) pairs (NaN or absent: the learned
+        missing embedding); it returns (B, N + G, D) tokens: the patch tokens, the metadata tokens, then the G
+        global tokens last.
 
     Raises:
         FileNotFoundError: the folder, its config.json or model.safetensors is missing.
@@ -295,11 +299,16 @@ def model_card(config: dict) -> str:
     """The model card (README.md, Hugging Face format with a YAML header) of an export's ``config.json``.
 
     Lists what a user must feed the encoder: domains, band names in order, units, normalisation and its
-    statistics, class tables, image size, patch sizes, the token layout of the output, and the provenance.
+    statistics, class tables, image size, patch sizes, metadata fields, the token layout of the output, and the
+    provenance.
     """
     arch, layout, domains = config["architecture"], config["token_layout"], config["domains"]
     size, p0 = arch["input_size"], arch["patch_size"]
     modalities = sorted({r["modality"] for r in domains.values()})
+    fields = list(arch.get("metadata") or [])
+    blocks = "".join([", mixture-of-experts feed-forwards" if arch.get("ffn", "mlp") != "mlp" else "",
+                      f", grouped-query attention with {arch['kv_groups']} key / value heads"
+                      if arch.get("kv_groups") else ""])
     lines = [
         "---",
         "library_name: multimae-eo",
@@ -310,15 +319,17 @@ def model_card(config: dict) -> str:
         "",
         f"# MultiMAE-EO encoder ({', '.join(arch['in_domains'])})",
         "",
-        f"A multi-modal ViT encoder (width {arch['dim']}, {arch['depth']} blocks, {arch['num_heads']} heads, "
-        f"{arch['num_global_tokens']} global token{'s' if arch['num_global_tokens'] > 1 else ''}) pretrained with "
+        f"A multi-modal ViT encoder (width {arch['dim']}, {arch['depth']} blocks, {arch['num_heads']} heads{blocks}, "
+        f"{arch['num_global_tokens']} global token{'s' if arch['num_global_tokens'] > 1 else ''}"
+        + (f", {len(fields)} metadata token{'s' if len(fields) > 1 else ''}" if fields else "") + ") pretrained with "
         f"the `{(config.get('objective') or {}).get('name', 'unknown')}` objective. Load it with the "
         "`multimae-eo` package (`pip install <a clone of its repository>`):",
         "",
         "```python",
         "from multimae import load_pretrained",
         "encoder = load_pretrained(\"path/to/this/folder\")          # or in_domains=[...] for a subset",
-        "tokens = encoder.encode(inputs, valid=valid)               # (B, N + G, D)",
+        ("tokens = encoder.encode(inputs, valid=valid, metadata=metadata)  # (B, N + G, D)" if fields else
+         "tokens = encoder.encode(inputs, valid=valid)               # (B, N + G, D)"),
         "```",
         "",
         "## Inputs",
@@ -350,19 +361,27 @@ def model_card(config: dict) -> str:
                              + " |")
         if r["kind"] != "categorical" and r["nodata"]:
             lines += ["", f"`{name}` no-data values (mark them invalid): {', '.join(map(str, r['nodata']))}."]
+    if fields:
+        lines += ["", "## Metadata", "",
+                  "`metadata` is a dict `{field: float32 (B, 2)}`: the pair (sin, cos) of 2 pi value / period for "
+                  "each field below, one always-visible token each. A NaN pair, or a field left out (or "
+                  "`metadata=None`), gives that field's learned missing embedding.", "",
+                  "| field | value | period |", "|---|---|---|"]
+        lines += [f"| `{f}` | {METADATA_FIELDS[f].units} | {METADATA_FIELDS[f].period:g} |" for f in fields]
     lines += [
         "",
         "## Output",
         "",
         f"(B, N + G, D) tokens, D = {arch['dim']}: each domain's patch tokens in the order above (row-major over "
-        f"its grid), then the {layout['num_global_tokens']} global token(s) **last**. At {size} px:",
+        f"its grid), " + (f"the metadata tokens ({', '.join(fields)}), " if fields else "")
+        + f"then the {layout['num_global_tokens']} global token(s) **last**. At {size} px:",
         "",
         "| domain | tokens | grid | patch (px) |",
         "|---|---|---|---|",
     ]
     for s in layout["segments"]:
         grid = f"{s['grid'][0]} x {s['grid'][1]}" if s["grid"] else "-"
-        lines.append(f"| `{s['domain']}` | {s['num_tokens']} | {grid} | {s['patch_size']} |")
+        lines.append(f"| `{s['domain']}` | {s['num_tokens']} | {grid} | {s['patch_size'] or '-'} |")
     pre = config.get("pretraining") or {}
     lines += [
         "",

@@ -23,8 +23,11 @@ is an optional extra). ``cfgs/terratorch/terramesh_lulc.yaml`` is a complete exa
 The backbone returns one feature map per chosen block (TerraTorch's ``out_channels`` convention): the patch
 tokens of every input domain after that block, each domain's (B, D, h, w) grid, concatenated over domains
 (``merge="concat"``: C = n_domains * D) or averaged (``merge="mean"``: C = D). The global tokens (last in the
-sequence) are left out, so TerraTorch necks that expect a class token first (``ReshapeTokensToImage``) are not
-needed. Inputs must be normalised as the export's ``config.json`` says (TerraTorch's datamodules do it with
+sequence) and the metadata tokens of an encoder with ``model.metadata`` are in no map (they take part in the
+attention), so TerraTorch necks that expect a class token first (``ReshapeTokensToImage``) are not needed. Such an
+encoder reads a ``metadata`` batch entry ({field: (B, 2)} (sin, cos) pairs, which TerraTorch's tasks pass on as a
+keyword argument) and uses its learned missing embeddings without one. The load-balance loss of mixture-of-experts
+blocks (``model.ffn`` ``moe``) is not part of TerraTorch's loss: the experts are fine-tuned without it. Inputs must be normalised as the export's ``config.json`` says (TerraTorch's datamodules do it with
 ``means`` / ``stds``; :func:`terratorch_means_stds` gives them); pixels without data must be 0 after normalisation.
 """
 
@@ -170,25 +173,27 @@ class MultiMAEBackbone(nn.Module):
             inputs[d] = t
         return inputs
 
-    def forward(self, x: Inputs, **kwargs) -> list[torch.Tensor]:
+    def forward(self, x: Inputs, metadata: dict[str, torch.Tensor] | None = None, **kwargs) -> list[torch.Tensor]:
         """Feature maps of the chosen blocks.
 
         Args:
             x: A tensor (B, C, H, W) or a dict {key: (B, C, H, W)}, normalised (see the module docstring).
+            metadata: {field: float (B, 2)} (sin, cos) pairs, NaN where absent, for an encoder with metadata
+                tokens (ignored by one without); None: the learned missing embeddings.
             **kwargs: Other batch entries TerraTorch passes along; unused.
 
         Returns:
-            One (B, C, H / P, W / P) map per entry of ``out_indices``.
+            One (B, C, H / P, W / P) map per entry of ``out_indices``, from the grid tokens only.
         """
-        tok = self.encoder.tokenize(self.domain_inputs(x))
-        b, n = tok.tokens.shape[:2]
+        tok = self.encoder.tokenize(self.domain_inputs(x), metadata=metadata)
+        b = tok.tokens.shape[0]
         z = torch.cat([tok.tokens, self.encoder.global_tokens.expand(b, -1, -1).to(tok.tokens.dtype)], dim=1)
         out = []
         for i, block in enumerate(self.encoder.blocks):
             z = block(z)
             if i in self.out_indices:
-                grids = [t.reshape(b, *seg.grid, -1).permute(0, 3, 1, 2)
-                         for seg, t in zip(tok.layout.segments, tok.layout.split(z[:, :n]).values())]
+                grids = [z[:, seg.slice].reshape(b, *seg.grid, -1).permute(0, 3, 1, 2)
+                         for seg in tok.layout.grid_segments()]
                 out.append(torch.cat(grids, dim=1) if self.merge == "concat" else torch.stack(grids).mean(0))
         return out
 

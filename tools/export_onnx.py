@@ -7,8 +7,11 @@ Usage (``pip install '.[onnx]'``: onnx, onnxruntime, onnxscript)::
 
 The graph (``torch.onnx.export``, the dynamo exporter) takes one input per chosen domain, named by the domain:
 float32 (B, C, S, S) normalised as the export's config.json says, or int64 (B, S, S) class ids (-1 = no-data) for
-class maps; with ``--valid-masks`` also bool (B, S, S) ``valid_<domain>``. Its output ``tokens`` is (B, N + G, D),
-the global tokens last (``MultiModalEncoder.encode``). The batch size B is free; the image size S is fixed (the
+class maps; with ``--valid-masks`` also bool (B, S, S) ``valid_<domain>``; an encoder with metadata tokens
+(``architecture.metadata``) also takes float32 (B, 2) ``metadata_<field>``, the (sin, cos) pair of each field
+(NaN: the learned missing embedding). Its output ``tokens`` is (B, N + G, D), the global tokens last
+(``MultiModalEncoder.encode``). Mixture-of-experts encoders (``model.ffn`` ``moe``) are refused: their routing
+(a data-dependent number of tokens per expert) does not trace to a graph with a free batch size. The batch size B is free; the image size S is fixed (the
 position embeddings are built for its token grid). The export's config.json, trimmed to the chosen domains and
 the image size, is stored in the model's metadata (``metadata_props["multimae_eo_config"]``).
 
@@ -55,20 +58,25 @@ class EncodeGraph(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        """The graph's input names: the domains, then ``valid_<domain>`` with ``valid_masks``."""
+        """The graph's input names: the domains, ``valid_<domain>`` with ``valid_masks``, then
+        ``metadata_<field>`` for each of the encoder's metadata fields."""
         names = list(self.encoder.in_domains)
-        return names + ([f"valid_{d}" for d in names] if self.valid_masks else [])
+        return (names + ([f"valid_{d}" for d in names] if self.valid_masks else [])
+                + [f"metadata_{f}" for f in self.encoder.metadata_fields])
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        """(domain tensors..., [valid masks...]) -> (B, N + G, D) tokens."""
-        n = len(self.encoder.in_domains)
-        inputs = dict(zip(self.encoder.in_domains, xs[:n]))
-        valid = dict(zip(self.encoder.in_domains, xs[n:])) if self.valid_masks else None
-        return self.encoder.encode(inputs, valid=valid)
+        """(domain tensors..., [valid masks...], [metadata pairs (B, 2)...]) -> (B, N + G, D) tokens."""
+        domains, fields = self.encoder.in_domains, self.encoder.metadata_fields
+        n = len(domains)
+        inputs = dict(zip(domains, xs[:n]))
+        valid = dict(zip(domains, xs[n:2 * n])) if self.valid_masks else None
+        metadata = dict(zip(fields, xs[len(xs) - len(fields):])) if fields else None
+        return self.encoder.encode(inputs, valid=valid, metadata=metadata)
 
 
 def _example(encoder: MultiModalEncoder, batch: int, size: int, valid_masks: bool, seed: int = 0) -> tuple:
-    """Random inputs of the graph: standard normal, class ids 0..K-1, validity with a few invalid pixels."""
+    """Random inputs of the graph: standard normal, class ids 0..K-1, validity with a few invalid pixels,
+    (sin, cos) pairs of random angles (the first sample's first field NaN: absent)."""
     g = torch.Generator().manual_seed(seed)
     xs, masks = [], []
     for d in encoder.in_domains:
@@ -78,7 +86,14 @@ def _example(encoder: MultiModalEncoder, batch: int, size: int, valid_masks: boo
         else:
             xs.append(torch.randn(batch, dom.num_channels, size, size, generator=g))
         masks.append(torch.rand(batch, size, size, generator=g) > 0.1)
-    return tuple(xs + (masks if valid_masks else []))
+    pairs = []
+    for i, _ in enumerate(encoder.metadata_fields):
+        angle = torch.rand(batch, generator=g) * 2 * torch.pi
+        pair = torch.stack([angle.sin(), angle.cos()], dim=1)
+        if i == 0:
+            pair[0] = float("nan")
+        pairs.append(pair)
+    return tuple(xs + (masks if valid_masks else []) + pairs)
 
 
 def export_onnx(export_dir: str | Path, out: str | Path, *, domains: list[str] | None = None, image_size: int | None = None,
@@ -97,13 +112,18 @@ def export_onnx(export_dir: str | Path, out: str | Path, *, domains: list[str] |
         (the file written, the PyTorch module it was exported from).
 
     Raises:
-        FileNotFoundError, ValueError: a bad export folder or domain (:func:`multimae.load_pretrained`), or an image
-            size the patch sizes do not divide.
+        FileNotFoundError, ValueError: a bad export folder or domain (:func:`multimae.load_pretrained`), an image
+            size the patch sizes do not divide, or a feed-forward kind other than ``mlp`` (``model.ffn``: the
+            mixture-of-experts routing does not trace to a graph with a free batch size).
     """
     import onnx  # the onnx extra
 
     config = read_pretrained_config(export_dir)
     arch = config["architecture"]
+    if arch["ffn"] != "mlp":
+        raise ValueError(f"{Path(export_dir) / 'config.json'}: architecture.ffn (model.ffn) is {arch['ffn']!r}; its "
+                         "routing sends a data-dependent number of tokens to each expert, which does not export to an "
+                         "ONNX graph with a free batch size (only model.ffn 'mlp' exports)")
     if image_size is not None:
         for d in domains or arch["in_domains"]:
             p = arch["patch_sizes"].get(d, arch["patch_size"])
@@ -148,7 +168,8 @@ def onnx_max_difference(path: str | Path, graph: EncodeGraph, xs: tuple) -> floa
 
 def real_inputs(data_path: str | Path, graph: EncodeGraph, export_dir: str | Path, split: str = "val") -> tuple:
     """Every tile of ``split`` of an MMEarth file set as the graph's inputs (the batch contract: normalised with
-    the file set's own statistics, elevation as the export's config.json says; no-data filled).
+    the file set's own statistics, elevation as the export's config.json says; no-data filled; the metadata
+    pairs the file set holds, NaN where it has none).
 
     Raises:
         FileNotFoundError, KeyError, ValueError: the file set or split is missing (see MMEarthDataset).
@@ -157,15 +178,17 @@ def real_inputs(data_path: str | Path, graph: EncodeGraph, export_dir: str | Pat
 
     from utils.data.mmearth import MMEarthDataset
 
-    domains = graph.encoder.in_domains
+    domains, fields = graph.encoder.in_domains, graph.encoder.metadata_fields
     elevation = read_pretrained_config(export_dir)["domains"]["elevation"]["normalization"] \
         if "elevation" in domains else "per_tile"
-    ds = MMEarthDataset(data_path, domains, split, input_size=graph.encoder.input_size, elevation_norm=elevation)
+    ds = MMEarthDataset(data_path, domains, split, input_size=graph.encoder.input_size, elevation_norm=elevation,
+                        metadata=fields)
     if len(ds) == 0:
         raise ValueError(f"{data_path}: split {split!r} holds no tiles")
     batch = default_collate([ds[i] for i in range(len(ds))])
     xs = [batch["inputs"][d] for d in domains]
-    return tuple(xs + ([batch["valid"][d] for d in domains] if graph.valid_masks else []))
+    return tuple(xs + ([batch["valid"][d] for d in domains] if graph.valid_masks else [])
+                 + [batch["metadata"][f] for f in fields])
 
 
 def main(argv: list[str] | None = None) -> int:

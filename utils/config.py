@@ -201,6 +201,7 @@ VALUE_RULES: dict[str, Rule] = {
     "finetune.logistic_max_iter": Rule(1),
     "finetune.embedding_map_samples": Rule(0),
     "finetune.scratch_layer_decay": Rule(0, 1, low_open=True, nullable=True),
+    "finetune.patch_size": Rule(1, nullable=True),
 }
 
 

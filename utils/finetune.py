@@ -8,6 +8,12 @@ new model can use, ``load_state_dict(strict=False)``, then assert the exact sets
 keys, so a renamed parameter cannot silently stay at its random init. Position embeddings are
 non-persistent buffers built from the encoder spec; at another image size ``finetune.pos_embed`` chooses between
 MultiMAE's resized pretraining table and sin-cos computed on the new grid (:func:`build_backbone`).
+``finetune.patch_size`` runs every domain at another patch size than the pretraining one (the adapters' kernels
+resized as in FlexiViT, Beyer et al., CVPR 2023; positions in ground distance; :func:`check_patch_size`).
+
+An encoder with metadata tokens (``model.metadata``, e.g. MoE-MAE's) reads ``batch["metadata"]`` in every
+forward (:class:`FineTuneModel`); a dataset without metadata leaves the key out and the encoder uses its learned
+missing embeddings. Segmentation heads read the grid tokens only; mean pooling includes the metadata tokens.
 
 kNN follows OlmoEarth's ``evals/knn.py`` convention:
 L2-normalised mean-pooled embeddings, cosine similarity, the k = 20 nearest training samples vote for their
@@ -42,6 +48,7 @@ __all__ = [
     "LoadReport",
     "read_pretraining_checkpoint",
     "build_backbone",
+    "check_patch_size",
     "load_backbone",
     "FineTuneModel",
     "build_head",
@@ -129,13 +136,17 @@ def build_backbone(cfg: dict, pretrained: dict | None, in_domains: list[str]) ->
       adapters bilinearly (the mode of their pretraining). At the pretraining image size nothing changes.
     - ``recompute``: sin-cos computed on the fine-tuning grid (``model.pos_embed_grid`` null).
 
+    ``finetune.patch_size`` (null: each domain's own patch size) is checked against the encoder built here
+    (:func:`check_patch_size`); :class:`FineTuneModel` and :func:`build_head` take it.
+
     Returns:
         The encoder and what was loaded (None when nothing was).
 
     Raises:
         ValueError: ``finetune.from_scratch`` without ``finetune.checkpoint`` (no architecture to copy); an unknown
             ``finetune.pos_embed``; ``resize`` of a checkpoint whose input domains have their own patch sizes
-            (``model.patch_sizes``: no single pretraining grid) at another image size.
+            (``model.patch_sizes``: no single pretraining grid) at another image size; a ``finetune.patch_size``
+            the encoder cannot run at (:func:`check_patch_size`).
         CheckpointError: the checkpoint's encoder does not fit its own spec.
     """
     ft = cfg["finetune"]
@@ -147,7 +158,9 @@ def build_backbone(cfg: dict, pretrained: dict | None, in_domains: list[str]) ->
             raise ValueError("finetune.from_scratch copies the architecture of finetune.checkpoint, which is not set "
                              "(without a checkpoint the run is from scratch with model.* of this config)")
         cfg = {**cfg, "model": {**cfg["model"], "drop_path": drop_path}}
-        return build_encoder(cfg, in_domains=in_domains), None
+        encoder = build_encoder(cfg, in_domains=in_domains)
+        check_patch_size(encoder, ft["patch_size"], position_fix="model.pos_embed_grid=null")
+        return encoder, None
     entry = pretrained["encoder"]
     spec, size = dict(entry["spec"]), cfg["data"]["input_size"]
     if ft["pos_embed"] == "recompute":
@@ -160,9 +173,60 @@ def build_backbone(cfg: dict, pretrained: dict | None, in_domains: list[str]) ->
                              f"{spec['patch_size']} px; set finetune.pos_embed=recompute")
         spec["pos_embed_grid"] = spec["input_size"] // spec["patch_size"]  # the pretraining grid's sin-cos table
     encoder = MultiModalEncoder.from_spec(spec, in_domains=in_domains, input_size=size, drop_path=drop_path)
+    check_patch_size(encoder, ft["patch_size"], position_fix="finetune.pos_embed=recompute")
     if ft["from_scratch"]:
         return encoder, None
     return encoder, load_backbone(encoder, entry["state_dict"], in_domains, source=str(ft["checkpoint"]))
+
+
+def check_patch_size(encoder: MultiModalEncoder, patch_size, *, position_fix: str = "finetune.pos_embed=recompute"
+                     ) -> int | None:
+    """Check ``finetune.patch_size``: one patch side for every input domain of ``encoder`` (or None).
+
+    The encoder runs at any patch size P with its own weights (``MultiModalEncoder.tokenize(patch_size=P)``:
+    the projection kernels resized as in FlexiViT, Beyer et al., CVPR 2023; positions stay patch centres in
+    base-patch units). P must divide the image side, be a multiple of each class-map domain's
+    ``label_downsample``, and apply to one shared patch grid.
+
+    Args:
+        encoder: The fine-tuning encoder (built at ``data.input_size``).
+        patch_size: The value of ``finetune.patch_size``.
+        position_fix: The setting that gives position embeddings of the patch centres, for the message.
+
+    Returns:
+        ``patch_size`` (None: every domain at its own patch size).
+
+    Raises:
+        ValueError: one line naming ``finetune.patch_size``: not a positive int, not a divisor of
+            ``data.input_size``, not a multiple of a class map's ``label_downsample``, an encoder whose input
+            domains have their own patch sizes (``model.patch_sizes``: no single grid to rescale), or, at another
+            patch size than the base one, position embeddings that are a resized table
+            (``model.pos_embed_grid``, or ``finetune.pos_embed`` ``resize`` at another image size).
+    """
+    if patch_size is None:
+        return None
+    key = "finetune.patch_size"
+    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+        raise ValueError(f"{key} must be a positive whole number of pixels (or null), got {patch_size!r}")
+    if encoder.input_size % patch_size:
+        raise ValueError(f"{key} {patch_size} does not divide data.input_size {encoder.input_size}")
+    own = {d: p for d, p in encoder.patch_sizes.items() if p != encoder.patch_size}
+    if own:
+        raise ValueError(f"{key} {patch_size}: the encoder gives "
+                         f"{', '.join(f'{d} patch {p} px' for d, p in own.items())} besides the base patch "
+                         f"{encoder.patch_size} px (model.patch_sizes), so there is no single patch grid to rescale; "
+                         f"leave {key} null")
+    for d in encoder.in_domains:
+        dom = get_domain(d)
+        if dom.kind == "categorical" and patch_size % dom.label_downsample:
+            raise ValueError(f"{key} {patch_size} is not a multiple of the label_downsample {dom.label_downsample} "
+                             f"of class-map domain {d!r}")
+    if encoder.pos_embed_grid is not None and patch_size != encoder.patch_size:
+        raise ValueError(f"{key} {patch_size} (the encoder's patch is {encoder.patch_size} px) needs position "
+                         f"embeddings of the patch centres, not the resized {encoder.pos_embed_grid} x "
+                         f"{encoder.pos_embed_grid} table (model.pos_embed_grid, or finetune.pos_embed resize at "
+                         f"another image size); set {position_fix}")
+    return patch_size
 
 
 def load_backbone(encoder: nn.Module, state: dict[str, torch.Tensor], in_domains: list[str],
@@ -196,19 +260,29 @@ def load_backbone(encoder: nn.Module, state: dict[str, torch.Tensor], in_domains
 class FineTuneModel(nn.Module):
     """A multi-modal encoder (no masking, every token visible) plus a task head.
 
+    Every method takes the batch's ``inputs``, ``valid`` and ``metadata`` (``batch.get("metadata")``:
+    {field: float (B, 2) (sin, cos)}, NaN where absent; None without metadata). An encoder without metadata
+    tokens ignores ``metadata``; one with them gives a field absent from the batch (or NaN) its learned missing
+    embedding.
+
     Args:
-        encoder: :class:`MultiModalEncoder`; its ``encode(inputs, valid=valid)`` gives (B, N + G, D) tokens in
-            layout order, global tokens last. Parameters are named ``encoder.*`` and ``head.*``.
+        encoder: :class:`MultiModalEncoder`; its ``encode(inputs, valid=valid, metadata=metadata)`` gives
+            (B, N + G, D) tokens in layout order: the grid domains' patch tokens, the metadata tokens (one per
+            ``model.metadata`` field), then the global tokens. Parameters are named ``encoder.*`` and ``head.*``.
         head: :class:`LinearHead`, :class:`ConvNeXtSegHead` or :class:`LinearSegHead`; None for the protocols
-            that train no head (kNN, logistic regression: only :meth:`embed` is used).
+            that train no head (kNN, logistic regression: only :meth:`embed` is used). A segmentation head must
+            be built for the same ``patch_size`` (:func:`build_head`).
         freeze_encoder: Frozen encoder (probes): no gradients, always in eval mode.
         pool: Pooling of :meth:`embed` (``finetune.pool``).
+        patch_size: One patch side in pixels for every input domain (``finetune.patch_size``, checked by
+            :func:`check_patch_size`); None: each domain's own.
     """
 
     def __init__(self, encoder: MultiModalEncoder, head: nn.Module | None, *, freeze_encoder: bool = False,
-                 pool: str = "mean") -> None:
+                 pool: str = "mean", patch_size: int | None = None) -> None:
         super().__init__()
         self.encoder, self.head, self.freeze_encoder, self.pool = encoder, head, freeze_encoder, pool
+        self.patch_size = patch_size
         if freeze_encoder:
             self.encoder.requires_grad_(False)
 
@@ -224,21 +298,23 @@ class FineTuneModel(nn.Module):
             self.encoder.eval()
         return self
 
-    def tokens(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Encoder tokens (B, N + G, D); no gradient when the encoder is frozen."""
+    def tokens(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None,
+               metadata: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Encoder tokens (B, N + G, D) (metadata tokens included); no gradient when the encoder is frozen."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            return self.encoder.encode(inputs, valid=valid)
+            return self.encoder.encode(inputs, valid=valid, metadata=metadata, patch_size=self.patch_size)
 
     def grids(self, tokens: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], tuple[int, int]]:
         """The patch tokens of every grid domain on one common grid, the finest of the layout.
 
-        Domains with a coarser grid (a larger patch size) are repeated onto it (nearest neighbour).
+        Each domain's tokens are its layout segment's; metadata and global tokens are in no grid. Domains with a
+        coarser grid (a larger patch size) are repeated onto it (nearest neighbour).
 
         Returns:
             ``n_domains x (B, h * w, D)`` and (h, w).
         """
         x = inputs[self.encoder.in_domains[0]]
-        layout = self.encoder.layout(tuple(x.shape[-2:]))
+        layout = self.encoder.layout(tuple(x.shape[-2:]), self.patch_size)
         segments = layout.grid_segments()
         h, w = max((s.grid for s in segments), key=lambda g: g[0] * g[1])
         out = []
@@ -250,34 +326,43 @@ class FineTuneModel(nn.Module):
             out.append(t)
         return out, (h, w)
 
-    def forward(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits: (B, K) for a :class:`LinearHead`, (B, K, H, W) for a segmentation head.
+    def forward(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None,
+                metadata: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits: (B, K) for a :class:`LinearHead` (pooled as :meth:`embed`), (B, K, H, W) for a segmentation
+        head (on :meth:`grids`).
 
         Raises:
             RuntimeError: the model has no head.
         """
         if self.head is None:
             raise RuntimeError("this fine-tuning model has no head (kNN / logistic protocols only embed)")
-        tokens = self.tokens(inputs, valid)
+        tokens = self.tokens(inputs, valid, metadata)
         if isinstance(self.head, LinearHead):
             return self.head(tokens)
         grids, size = self.grids(tokens, inputs)
         return self.head(grids, size)
 
     @torch.no_grad()
-    def embed(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """(B, D) pooled encoder tokens (``pool``: mean of all tokens or the global token), the embedding of
-        kNN, the logistic probe and the embedding map."""
-        return pool_tokens(self.encoder.encode(inputs, valid=valid), self.pool, self.encoder.num_global_tokens)
+    def embed(self, inputs: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None,
+              metadata: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, D) pooled encoder tokens, the embedding of kNN, the logistic probe and the embedding map.
+
+        ``pool`` ``mean``: the mean of every output token, patch, metadata and global tokens alike (as MoE-MAE's
+        probes pool its metadata, class and patch tokens); ``global``: the first global token.
+        """
+        return pool_tokens(self.encoder.encode(inputs, valid=valid, metadata=metadata, patch_size=self.patch_size),
+                           self.pool, self.encoder.num_global_tokens)
 
 
 def build_head(task: str, head: str, *, encoder: MultiModalEncoder, num_classes: int, pool: str = "mean",
-               probe: bool = False) -> nn.Module:
-    """Head for a task from config keys ``finetune.task`` / ``finetune.head`` / ``finetune.pool``.
+               probe: bool = False, patch_size: int | None = None) -> nn.Module:
+    """Head for a task from config keys ``finetune.task`` / ``finetune.head`` / ``finetune.pool`` /
+    ``finetune.patch_size``.
 
     Fine-tuning: classification and multi-label use :class:`LinearHead` with LayerNorm (``head`` must be
     ``linear``); segmentation uses :class:`ConvNeXtSegHead` (``convnext``) or :class:`LinearSegHead` (``linear``)
-    on the finest token grid of the encoder's grid domains (patch size P = the smallest of their patch sizes).
+    on the finest token grid of the encoder's grid domains (patch size P = ``patch_size`` when given, the one of
+    every domain, else the smallest of their own patch sizes).
     A linear probe (``probe``) is linear whatever ``head`` says: BatchNorm without affine parameters and one
     Linear layer, on the pooled tokens (:class:`LinearHead`) or on every token of the grid (:class:`LinearSegHead`).
 
@@ -293,7 +378,7 @@ def build_head(task: str, head: str, *, encoder: MultiModalEncoder, num_classes:
     for d in in_domains:
         if get_domain(d).level != "pixel":
             raise ValueError(f"segmentation needs pixel-level input domains; {d!r} is image-level")
-    patch_size = min(encoder.patch_sizes[d] for d in in_domains)
+    patch_size = patch_size or min(encoder.patch_sizes[d] for d in in_domains)
     if probe or head == "linear":
         return LinearSegHead(dim=dim, num_classes=num_classes, num_domains=len(in_domains), patch_size=patch_size,
                              norm="batch" if probe else "layer")

@@ -161,9 +161,10 @@ def load_predictor(path: str | Path, spec_path: str | None = None, device: str =
     ft = cfg["finetune"]
     encoder = MultiModalEncoder.from_spec(ck["encoder"]["spec"], in_domains=in_domains, input_size=tile)
     names = list(label["class_names"])
+    patch_size = ft.get("patch_size")  # configs written before finetune.patch_size: each domain's own
     head = build_head(ck["task"], ft["head"], encoder=encoder, num_classes=len(names), pool=ft["pool"],
-                      probe=ft["protocol"] == "linear_probe")
-    model = FineTuneModel(encoder, head, pool=ft["pool"])
+                      probe=ft["protocol"] == "linear_probe", patch_size=patch_size)
+    model = FineTuneModel(encoder, head, pool=ft["pool"], patch_size=patch_size)
     weights = {**{f"encoder.{k}": v for k, v in ck["encoder"]["state_dict"].items()},
                **{f"head.{k}": v for k, v in ck["head"]["state_dict"].items()}}
     load_state_checked(model, weights, what=f"fine-tuned model ({path})")

@@ -31,7 +31,7 @@ class MMEarthSegDataset(Dataset):
         target: Categorical pixel domain to segment (``dynamic_world``, ``worldcover``).
         split: Split of ``<stem>_splits.json``.
         **kwargs: Passed to :class:`MMEarthDataset` (``input_size``, ``augment``, ``hflip``, ``resize``,
-            ``elevation_norm``, ``seed``, ``indices``).
+            ``elevation_norm``, ``seed``, ``indices``, ``metadata``: samples then hold ``"metadata"``).
 
     Raises:
         ValueError: ``target`` is not a categorical pixel domain or is also an input; an input domain whose

@@ -4,7 +4,9 @@ Each :class:`DatasetKind` builds one split of its data for a list of input domai
 and names the validation and test splits. Every dataset it builds follows the batch contract of
 ``docs/DESIGN.md`` plus ``label``, and has the attributes ``task`` (``classification``, ``multilabel`` or
 ``segmentation``: what ``finetune.task`` is derived from), ``num_classes`` and ``class_names`` when known. A new
-kind is its dataset file, a builder function and one line in :data:`FINETUNE_DATASETS`.
+kind is its dataset file, a builder function and one line in :data:`FINETUNE_DATASETS`. ``model.metadata`` of the
+config a builder gets names the encoder's metadata fields: ``mmearth`` delivers them (``batch["metadata"]``); the
+other kinds have no metadata (the encoder then uses its learned missing embeddings).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def _mmearth(cfg: dict, in_domains: list[str], split: str, train: bool) -> Datas
     try:
         ds = MMEarthSegDataset(cfg["data_path"], in_domains, cfg["finetune"]["target"], split,
                                input_size=data["input_size"], elevation_norm=data["elevation_norm"],
-                               max_bad_rows=data["max_bad_rows"], **_augmentation(cfg, train))
+                               max_bad_rows=data["max_bad_rows"], metadata=cfg["model"]["metadata"],
+                               **_augmentation(cfg, train))
     except KeyError as err:
         if "unknown split" in str(err) and not train:
             return None
