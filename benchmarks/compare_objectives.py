@@ -276,13 +276,13 @@ def summarise(cfg: dict, pretraining: dict, evaluations: list[dict]) -> dict:
             cells[name] = {"mean": mean, "spread": spread, "n": len(ok),
                            "failed": [e.get("error") for e in got if e["status"] != "ok"]}
         valid = {n: c for n, c in cells.items() if c["n"] and not math.isnan(c["mean"])}
-        best = max(valid, key=lambda n: valid[n]["mean"]) if valid else None
+        top = max((c["mean"] for c in valid.values()), default=None)
+        best = [n for n, c in valid.items() if c["mean"] == top]  # every recipe with the top mean (ties included)
         tied = []
-        if best is not None:
-            for n, c in valid.items():
-                spreads = [s for s in (c["spread"], valid[best]["spread"]) if s is not None]
-                if n != best and spreads and valid[best]["mean"] - c["mean"] <= max(spreads):
-                    tied.append(n)
+        for n, c in valid.items():
+            spreads = [s for s in (c["spread"], valid[best[0]]["spread"]) if s is not None] if best else []
+            if n not in best and spreads and top - c["mean"] <= max(spreads):
+                tied.append(n)
         rows.append({"task": task, "protocol": protocol, "inputs": json.loads(inputs), "metric": metric,
                      "cells": cells, "best": best, "within_spread_of_best": tied})
     cost = {}
@@ -317,7 +317,7 @@ def markdown_table(cfg: dict, summary: dict) -> str:
              "|" + "---|" * (len(recipes) + 5)]
     for row in summary["rows"]:
         inputs = "+".join(row["inputs"]) if isinstance(row["inputs"], list) else row["inputs"]
-        cells = [(f"**{_fmt(row['cells'][n])}**" if n == row["best"] else _fmt(row["cells"][n])) for n in recipes]
+        cells = [(f"**{_fmt(row['cells'][n])}**" if n in row["best"] else _fmt(row["cells"][n])) for n in recipes]
         note = f"within spread of the best: {', '.join(row['within_spread_of_best'])}" if row["within_spread_of_best"] else ""
         lines.append(f"| {row['task']} | {row['protocol']} | {inputs} | {row['metric'] or '-'} | "
                      + " | ".join(cells) + f" | {note} |")

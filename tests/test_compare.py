@@ -98,7 +98,7 @@ def test_spread_over_seeds_and_ties(tmp_path):
     summary = compare_objectives.summarise(cfg, pre, evals)
     row = summary["rows"][0]
     assert row["cells"]["a"]["mean"] == pytest.approx(0.85) and row["cells"]["a"]["spread"] == pytest.approx(0.0707, abs=1e-4)
-    assert row["best"] == "a" and row["within_spread_of_best"] == ["b"]  # 0.85 - 0.83 < 0.0707
+    assert row["best"] == ["a"] and row["within_spread_of_best"] == ["b"]  # 0.85 - 0.83 < 0.0707
     assert summary["cost"]["b"]["step_cost_vs_baseline"] == pytest.approx(2.0)
     assert "within spread of the best: b" in compare_objectives.markdown_table(cfg, summary)
 
@@ -138,3 +138,14 @@ def test_shipped_comparison_configs_resolve_for_every_recipe_and_task(name):
                 items = [*task.get("overrides", []), f"finetune.protocol={protocol}", "finetune.checkpoint=unused",
                          "data_path=unused", f"in_domains=[{', '.join(subset)}]"]
                 assert load_config([str(REPO / c) for c in task["config"]], items)["in_domains"] == subset
+
+
+def test_equal_best_means_are_all_marked():
+    cfg = {"recipes": [{"name": "a"}, {"name": "b"}, {"name": "c"}], "baseline_recipe": "a", "seeds": [0]}
+    evals = [{"recipe": r, "seed": 0, "task": "t", "protocol": "knn", "inputs": ["s2_rgb"], "status": "ok",
+              "metric": "micro_f1", "value": v} for r, v in (("a", 0.4), ("b", 0.4), ("c", 0.25))]
+    pre = {(r, 0): {"status": "ok", "seconds": 1.0, "samples_per_s": 1.0, "peak_mem_mb": 1.0, "trainable_params": 1,
+                    "seconds_per_step": 1.0, "final_loss": 1.0} for r in "abc"}
+    summary = compare_objectives.summarise(cfg, pre, evals)
+    assert summary["rows"][0]["best"] == ["a", "b"]
+    assert "| **0.400** | **0.400** | 0.250 |" in compare_objectives.markdown_table(cfg, summary)
