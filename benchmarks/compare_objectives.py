@@ -132,12 +132,15 @@ def prepare_filesets(cfg: dict) -> None:
 # ---------------------------------------------------------------------- pretraining
 def _first_difference(recorded, current, prefix: str = "") -> str | None:
     """The first dotted key where ``recorded`` and ``current`` differ (compared as JSON would store them), or
-    None when they are equal."""
+    None when they are equal. A key only ``current`` has is not a difference: newer code added it, and a new
+    config key defaults to the behaviour from before it existed."""
     a = json.loads(json.dumps(recorded, default=str))
     b = json.loads(json.dumps(current, default=str))
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
-            if k not in a or k not in b:
+            if k not in a:
+                continue
+            if k not in b:
                 return f"{prefix}{k}"
             diff = _first_difference(a[k], b[k], f"{prefix}{k}.")
             if diff is not None:
@@ -382,7 +385,7 @@ def plots(cfg: dict, summary: dict, out: Path) -> list[Path]:
         ax.annotate(name, (cost["seconds"], statistics.fmean(values)), fontsize=8, xytext=(4, 4),
                     textcoords="offset points")
     ax.set_xlabel("pretraining wall time (s)")
-    ax.set_ylabel("mean metric over every task, protocol and input subset")
+    ax.set_ylabel("mean metric over every task,\nprotocol and input subset")
     ax.set_title("Quality against pretraining cost", fontsize=9)
     fig.tight_layout()
     paths.append(out / "cost.png")

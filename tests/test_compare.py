@@ -149,3 +149,11 @@ def test_equal_best_means_are_all_marked():
     summary = compare_objectives.summarise(cfg, pre, evals)
     assert summary["rows"][0]["best"] == ["a", "b"]
     assert "| **0.400** | **0.400** | 0.250 |" in compare_objectives.markdown_table(cfg, summary)
+
+
+def test_first_difference_names_the_key_and_ignores_keys_newer_code_added():
+    recorded = {"optim": {"blr": 1e-3, "betas": [0.9, 0.95]}, "epochs": 2}
+    assert compare_objectives._first_difference(recorded, {**recorded, "finetune": {"patch_size": None}}) is None
+    assert compare_objectives._first_difference(recorded, {**recorded, "optim": {"blr": 1e-3, "betas": [0.9, 0.99]}}) \
+        == "optim.betas"
+    assert compare_objectives._first_difference(recorded, {"optim": recorded["optim"]}) == "epochs"
