@@ -35,8 +35,8 @@ from rasterio.enums import Resampling
 from torch.utils.data import Dataset
 
 from multimae.domains import get_domain
-from utils.data.geobench import spatial_transform
 from utils.data.mmearth_files import read_json_object
+from utils.data.transforms import spatial_transform
 
 __all__ = ["BIGEARTHNET_CLASSES", "BigEarthNetDataset", "find_patches"]
 

@@ -56,7 +56,6 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from multimae.domains import IGNORE_INDEX, MODALITIES, Domain, Modality, band_indices, get_domain
-from utils.data.geobench import spatial_transform
 from utils.data.geotiff_spec import (
     ConversionError, ConversionSpec, PathPattern, Scene, SceneRef, SourceSpec, find_scenes, open_scene, parse_spec,
     read_spec_yaml, to_stored,
@@ -64,6 +63,7 @@ from utils.data.geotiff_spec import (
 from utils.data.mmearth import standardize_per_tile
 from utils.data.mmearth_files import read_json_object
 from utils.data.mmearth_writer import BandStats, make_splits
+from utils.data.transforms import spatial_transform
 
 __all__ = [
     "LabelSpec", "FinetuneSpec", "load_finetune_spec", "ChipReader", "GeoTiffCatalogue", "catalogue",
