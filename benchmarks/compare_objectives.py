@@ -130,23 +130,23 @@ def prepare_filesets(cfg: dict) -> None:
 
 
 # ---------------------------------------------------------------------- pretraining
-def _first_difference(recorded, current, prefix: str = "") -> str | None:
+def _first_difference(recorded, current) -> str | None:
     """The first dotted key where ``recorded`` and ``current`` differ (compared as JSON would store them), or
     None when they are equal. A key only ``current`` has is not a difference: newer code added it, and a new
     config key defaults to the behaviour from before it existed."""
-    a = json.loads(json.dumps(recorded, default=str))
-    b = json.loads(json.dumps(current, default=str))
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if k not in a:
-                continue
-            if k not in b:
-                return f"{prefix}{k}"
-            diff = _first_difference(a[k], b[k], f"{prefix}{k}.")
-            if diff is not None:
-                return diff
-        return None
-    return None if a == b else (prefix.rstrip(".") or "the config")
+
+    def walk(a, b, prefix: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(a):  # keys only ``b`` (the current config) has are not differences
+                if k not in b:
+                    return f"{prefix}{k}"
+                diff = walk(a[k], b[k], f"{prefix}{k}.")
+                if diff is not None:
+                    return diff
+            return None
+        return None if a == b else (prefix.rstrip(".") or "the config")
+
+    return walk(json.loads(json.dumps(recorded, default=str)), json.loads(json.dumps(current, default=str)), "")
 
 
 def _recipe_overrides(cfg: dict, recipe: dict, seed: int, out: Path) -> list[str]:
